@@ -1,0 +1,42 @@
+# controlplane: `make run` serves the whole system; `make test` runs the tests.
+# Both set up .venv on first use and reinstall only when pyproject.toml changes.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run web worker beat migrate test lint demo clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+migrate: $(STAMP)
+	@$(PY) manage.py migrate --noinput -v 0
+
+## Embedded: one process, SQLite, no PostgreSQL or Redis needed. PORT overrides 8000.
+run: migrate
+	@$(PY) manage.py ensure_admin
+	exec $(PY) manage.py serve
+
+## Production-style processes (set DATABASE_URL and REDIS_URL).
+web: migrate
+	exec $(PY) manage.py serve --host 0.0.0.0 --no-worker
+
+worker: $(STAMP)
+	exec $(VENV)/bin/celery -A controlplane worker -Q default,ingest -l INFO
+
+beat: $(STAMP)
+	exec $(VENV)/bin/celery -A controlplane beat -l INFO -s $${DATA_DIR:-var}/celerybeat-schedule
+
+test: $(STAMP)
+	$(PY) -m pytest --create-db $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) manage.py makemigrations --check --dry-run
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,147 @@
+"""Projects, the roles people hold in them, and the API keys agents use.
+
+A role is a Django group per (project, role), holding django-guardian object permissions on that
+project; membership is group membership. ``Project.objects.visible_to(principal)`` is the one
+place that decides which projects a person or a key may see.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from django.conf import settings
+from django.contrib.auth.models import Group
+from django.core.validators import RegexValidator
+from django.db import models
+from django.utils import timezone
+
+API_KEY_PREFIX = "cp_live_"
+API_KEY_LOOKUP_LEN = 12  # characters after the prefix, indexed for lookup
+
+
+class Role(models.TextChoices):
+    AUDITOR = "auditor", "Auditor"  # reads everything in the project, changes nothing
+    APPROVER = "approver", "Approver"  # decides approvals
+    OPERATOR = "operator", "Operator"  # steers the queue
+    ADMIN = "admin", "Admin"  # manages keys, members and settings
+
+
+# Object permissions each role's group holds on its project (guardian).
+ROLE_PERMISSIONS: dict[str, tuple[str, ...]] = {
+    Role.AUDITOR: ("view_project",),
+    Role.APPROVER: ("view_project", "approve_project"),
+    Role.OPERATOR: ("view_project", "operate_project"),
+    Role.ADMIN: ("view_project", "change_project", "manage_project", "approve_project", "operate_project"),
+}
+
+
+class Scope(models.TextChoices):
+    INGEST = "ingest", "Send traces"
+    READ = "read", "Read the project's data"
+    BUDGET = "budget", "Ask and reserve budget"
+    APPROVALS = "approvals", "Request approvals (never decide them)"
+    QUEUE = "queue", "Submit GPU work (never steer the queue)"
+
+
+class ProjectQuerySet(models.QuerySet):
+    def visible_to(self, principal) -> ProjectQuerySet:
+        """Projects a person (any role) or an API key (its own project) may see; nothing otherwise."""
+        if isinstance(principal, ApiKey):
+            return self.filter(pk=principal.project_id)
+        if principal is None or not getattr(principal, "is_authenticated", False):
+            return self.none()
+        if getattr(principal, "is_superuser", False):
+            return self
+        return self.filter(roles__group__user=principal).distinct()
+
+
+slug_validator = RegexValidator(r"^[a-z0-9][a-z0-9-]{0,62}$", "Lower-case letters, digits and dashes.")
+
+
+class Project(models.Model):
+    slug = models.SlugField(max_length=63, unique=True, validators=[slug_validator])
+    name = models.CharField(max_length=200)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = ProjectQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["slug"]
+        permissions = [
+            ("manage_project", "Manage keys and members"),
+            ("approve_project", "Decide approvals"),
+            ("operate_project", "Steer the queue"),
+        ]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class ProjectRole(models.Model):
+    """The group that carries one role in one project."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="roles")
+    role = models.CharField(max_length=16, choices=Role.choices)
+    group = models.OneToOneField(Group, on_delete=models.CASCADE, related_name="project_role")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["project", "role"], name="project_role_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.project.slug}:{self.role}"
+
+
+def hash_api_key(raw: str) -> str:
+    """Keyed hash (HMAC-SHA256 with API_KEY_PEPPER): a leaked table alone cannot be brute-forced."""
+    return hmac.new(settings.API_KEY_PEPPER.encode(), raw.encode(), hashlib.sha256).hexdigest()
+
+
+class ApiKeyQuerySet(models.QuerySet):
+    def active(self):
+        now = timezone.now()
+        return self.filter(revoked_at__isnull=True).filter(models.Q(expires_at__isnull=True) |
+                                                           models.Q(expires_at__gt=now))
+
+
+class ApiKey(models.Model):
+    """An agent's credential for one project. The secret is never stored, only its keyed hash."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100)
+    lookup = models.CharField(max_length=API_KEY_LOOKUP_LEN, unique=True, editable=False)
+    key_hash = models.CharField(max_length=64, editable=False)
+    scopes = models.JSONField(default=list)
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.CharField(max_length=200, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ApiKeyQuerySet.as_manager()
+
+    # An API key authenticates as itself, never as a person.
+    is_authenticated = True
+    is_anonymous = False
+    is_superuser = False
+    is_staff = False
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.display_prefix})"
+
+    @property
+    def display_prefix(self) -> str:
+        return f"{API_KEY_PREFIX}{self.lookup}…"
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @property
+    def is_expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= timezone.now()
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes

@@ -1,0 +1,58 @@
+"""Permission checks shared by every API view: scopes for keys, roles for people."""
+from __future__ import annotations
+
+from django.http import Http404
+from rest_framework.exceptions import PermissionDenied
+from rest_framework.permissions import BasePermission
+
+from apps.common.errors import ErrorCode
+
+from .models import ApiKey, Project
+
+
+def is_agent(request) -> bool:
+    return isinstance(request.user, ApiKey)
+
+
+class PersonOnly(BasePermission):
+    """Approving, steering the queue and managing keys or members are for people, never agent keys."""
+
+    def has_permission(self, request, view):
+        if is_agent(request):
+            raise PermissionDenied("This action is for people; an API key cannot perform it.",
+                                   code=ErrorCode.PERSON_ONLY)
+        return bool(request.user and request.user.is_authenticated)
+
+
+def require_scope(request, scope: str) -> None:
+    """An agent key must hold ``scope``; a person is judged by role on the object instead."""
+    if is_agent(request) and not request.user.has_scope(scope):
+        raise PermissionDenied(f"This API key lacks the '{scope}' scope.", code=ErrorCode.MISSING_SCOPE)
+
+
+def HasScope(scope: str):  # noqa: N802 - reads like a class in permission_classes
+    class _HasScope(BasePermission):
+        def has_permission(self, request, view):
+            require_scope(request, scope)
+            return True
+
+    _HasScope.__name__ = f"HasScope_{scope}"
+    return _HasScope
+
+
+def access_project(request, slug: str) -> Project:
+    """The project ``slug`` if the caller may see it, else 404 (never 403: it does not leak existence)."""
+    try:
+        return Project.objects.visible_to(request.user).get(slug=slug)
+    except Project.DoesNotExist:
+        raise Http404 from None
+
+
+def check_project_perm(request, project: Project, perm: str) -> None:
+    """A person must hold ``projects.<perm>`` on the project (through a role), else 403."""
+    if is_agent(request):
+        raise PermissionDenied("This action is for people; an API key cannot perform it.",
+                               code=ErrorCode.PERSON_ONLY)
+    if not request.user.has_perm(f"projects.{perm}", project):
+        raise PermissionDenied("Your role in this project does not allow this.",
+                               code=ErrorCode.PERMISSION_DENIED)

@@ -1,0 +1,65 @@
+from rest_framework import serializers
+
+from .models import ApiKey, Project, Role, Scope
+
+
+class ProjectSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Project
+        fields = ["slug", "name", "created_at"]
+
+
+class ProjectCreateSerializer(serializers.Serializer):
+    slug = serializers.RegexField(r"^[a-z0-9][a-z0-9-]{0,62}$")
+    name = serializers.CharField(max_length=200, required=False, allow_blank=True)
+
+
+class ApiKeySerializer(serializers.ModelSerializer):
+    prefix = serializers.CharField(source="display_prefix", read_only=True)
+    revoked = serializers.BooleanField(source="is_revoked", read_only=True)
+
+    class Meta:
+        model = ApiKey
+        fields = ["id", "name", "prefix", "scopes", "created_at", "created_by", "expires_at", "revoked",
+                  "revoked_at", "last_used_at"]
+
+
+class ApiKeyCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100)
+    scopes = serializers.ListField(child=serializers.ChoiceField(choices=Scope.choices), allow_empty=False)
+    expires_at = serializers.DateTimeField(required=False, allow_null=True)
+
+
+class ApiKeyCreatedSerializer(ApiKeySerializer):
+    key = serializers.CharField(read_only=True, help_text="The secret. Shown once; store it now.")
+
+    class Meta(ApiKeySerializer.Meta):
+        fields = ApiKeySerializer.Meta.fields + ["key"]
+
+
+class MemberSerializer(serializers.Serializer):
+    username = serializers.CharField()
+    roles = serializers.ListField(child=serializers.ChoiceField(choices=Role.choices))
+
+
+class RoleGrantSerializer(serializers.Serializer):
+    username = serializers.CharField()
+    role = serializers.ChoiceField(choices=Role.choices)
+
+
+class MeProjectSerializer(serializers.Serializer):
+    slug = serializers.CharField()
+    name = serializers.CharField()
+    roles = serializers.ListField(child=serializers.CharField())
+
+
+class MeSerializer(serializers.Serializer):
+    type = serializers.ChoiceField(choices=["api_key", "user"])
+    # for a key
+    project = serializers.CharField(required=False)
+    scopes = serializers.ListField(child=serializers.CharField(), required=False)
+    key_prefix = serializers.CharField(required=False)
+    # for a person
+    username = serializers.CharField(required=False)
+    is_superuser = serializers.BooleanField(required=False)
+    projects = MeProjectSerializer(many=True, required=False)

@@ -1,0 +1,96 @@
+"""Shared fixtures: personas with one role each, a project, API clients and keys."""
+from __future__ import annotations
+
+import pytest
+from django.db.backends.signals import connection_created
+from rest_framework.test import APIClient
+
+from apps.projects import services
+from apps.projects.models import Role
+
+
+def _allow_audit_truncate(sender, connection, **kwargs):
+    # pytest-django flushes tables with TRUNCATE between transactional tests; the audit table's
+    # TRUNCATE trigger permits it only for sessions that set this (only the test suite does).
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SET controlplane.allow_audit_truncate = 'on'")
+
+
+connection_created.connect(_allow_audit_truncate)
+
+
+@pytest.fixture(autouse=True)
+def _fast_hasher(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def alice(django_user_model):
+    """Project admin of `project`."""
+    return django_user_model.objects.create_user("alice", password="pw-alice")
+
+
+@pytest.fixture
+def bob(django_user_model):
+    """Auditor of `project`: reads everything, changes nothing."""
+    return django_user_model.objects.create_user("bob", password="pw-bob")
+
+
+@pytest.fixture
+def charlie(django_user_model):
+    """Outsider: holds no role in `project`."""
+    return django_user_model.objects.create_user("charlie", password="pw-charlie")
+
+
+@pytest.fixture
+def project(alice, bob):
+    p = services.project_create(slug="acme", name="Acme", actor=alice)  # alice becomes admin
+    services.role_grant(project=p, user=bob, role=Role.AUDITOR, actor=alice)
+    return p
+
+
+@pytest.fixture
+def other_project():
+    return services.project_create(slug="globex", name="Globex", actor=None)
+
+
+@pytest.fixture
+def api_client():
+    return APIClient()
+
+
+@pytest.fixture
+def client_for():
+    """An APIClient logged in as a person."""
+
+    def make(user) -> APIClient:
+        c = APIClient()
+        c.force_login(user)
+        return c
+
+    return make
+
+
+@pytest.fixture
+def make_key():
+    """Mint a key; returns (ApiKey, raw secret)."""
+
+    def make(project, scopes=("ingest", "read"), **kw):
+        return services.api_key_create(project=project, name=kw.pop("name", "test"), scopes=list(scopes),
+                                       actor=None, **kw)
+
+    return make
+
+
+@pytest.fixture
+def key_client():
+    def make(raw: str, header: str = "bearer") -> APIClient:
+        c = APIClient()
+        if header == "bearer":
+            c.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+        else:
+            c.credentials(HTTP_X_API_KEY=raw)
+        return c
+
+    return make

@@ -1,0 +1,107 @@
+"""Who may see and do what: outsiders get 404, auditors read only, keys never act as people."""
+import pytest
+
+from apps.audit.models import AuditEvent
+from apps.projects.models import ApiKey
+
+pytestmark = pytest.mark.django_db
+
+PROJECT_URLS = [
+    "/api/v1/projects/acme",
+    "/api/v1/projects/acme/members",
+    "/api/v1/projects/acme/keys",
+]
+
+
+@pytest.mark.parametrize("url", PROJECT_URLS)
+def test_an_outsider_gets_404(project, client_for, charlie, url):
+    resp = client_for(charlie).get(url)
+    assert resp.status_code == 404
+    assert resp.json()["error_code"] == "not_found"
+
+
+@pytest.mark.parametrize("url", PROJECT_URLS)
+def test_anonymous_gets_401(project, api_client, url):
+    assert api_client.get(url).status_code == 401
+
+
+def test_an_outsider_cannot_create_or_revoke_keys(project, client_for, charlie, make_key):
+    key, _ = make_key(project)
+    c = client_for(charlie)
+    assert c.post("/api/v1/projects/acme/keys", {"name": "x", "scopes": ["read"]}, format="json").status_code == 404
+    assert c.post(f"/api/v1/projects/acme/keys/{key.pk}/revoke").status_code == 404
+    key.refresh_from_db()
+    assert key.revoked_at is None
+
+
+def test_another_projects_key_gets_404(project, other_project, make_key, key_client):
+    _, raw = make_key(other_project, scopes=["read"])
+    resp = key_client(raw).get("/api/v1/projects/acme")
+    assert resp.status_code == 404
+    assert [p["slug"] for p in key_client(raw).get("/api/v1/projects").json()] == ["globex"]
+
+
+def test_project_list_shows_only_a_persons_projects(project, other_project, client_for, bob, charlie):
+    assert [p["slug"] for p in client_for(bob).get("/api/v1/projects").json()] == ["acme"]
+    assert client_for(charlie).get("/api/v1/projects").json() == []
+
+
+def test_an_auditor_reads_but_cannot_change(project, client_for, bob, make_key):
+    key, _ = make_key(project)
+    c = client_for(bob)
+    assert c.get("/api/v1/projects/acme/keys").status_code == 200
+    assert c.get("/api/v1/projects/acme/members").status_code == 200
+    resp = c.post("/api/v1/projects/acme/keys", {"name": "x", "scopes": ["read"]}, format="json")
+    assert resp.status_code == 403 and resp.json()["error_code"] == "permission_denied"
+    assert c.post(f"/api/v1/projects/acme/keys/{key.pk}/revoke").status_code == 403
+    assert c.post("/api/v1/projects/acme/members", {"username": "bob", "role": "admin"},
+                  format="json").status_code == 403
+    assert ApiKey.objects.count() == 1
+
+
+ALL_SCOPES = ["ingest", "read", "budget", "approvals", "queue"]
+
+
+def test_an_agent_key_cannot_act_as_a_person(project, make_key, key_client, charlie):
+    key, raw = make_key(project, scopes=ALL_SCOPES)
+    c = key_client(raw)
+    attempts = [
+        c.post("/api/v1/projects/acme/keys", {"name": "x", "scopes": ["read"]}, format="json"),
+        c.get("/api/v1/projects/acme/keys"),
+        c.post(f"/api/v1/projects/acme/keys/{key.pk}/revoke"),
+        c.get("/api/v1/projects/acme/members"),
+        c.post("/api/v1/projects/acme/members", {"username": "charlie", "role": "approver"}, format="json"),
+        c.delete("/api/v1/projects/acme/members/alice/admin"),
+        c.post("/api/v1/projects", {"slug": "evil"}, format="json"),
+    ]
+    for resp in attempts:
+        assert resp.status_code == 403, resp.content
+        assert resp.json()["error_code"] == "person_only"
+    assert ApiKey.objects.count() == 1
+    assert not AuditEvent.objects.filter(actor_type="api_key").exists()
+
+
+def test_an_admin_grants_and_removes_roles_and_both_are_audited(project, client_for, alice, charlie):
+    c = client_for(alice)
+    resp = c.post("/api/v1/projects/acme/members", {"username": "charlie", "role": "approver"}, format="json")
+    assert resp.status_code == 201 and resp.json()["roles"] == ["approver"]
+    assert client_for(charlie).get("/api/v1/projects/acme").status_code == 200
+    assert c.delete("/api/v1/projects/acme/members/charlie/approver").status_code == 204
+    assert client_for(charlie).get("/api/v1/projects/acme").status_code == 404
+    actions = list(AuditEvent.objects.filter(object_type="projects.projectrole").order_by("seq")
+                   .values_list("action", "actor_repr"))
+    assert actions[-2:] == [("role.granted", "alice"), ("role.revoked", "alice")]
+
+
+def test_me_for_a_person_lists_projects_and_roles(project, client_for, alice, bob):
+    body = client_for(alice).get("/api/v1/me").json()
+    assert body["type"] == "user" and body["username"] == "alice"
+    assert body["projects"] == [{"slug": "acme", "name": "Acme", "roles": ["admin"]}]
+    assert client_for(bob).get("/api/v1/me").json()["projects"][0]["roles"] == ["auditor"]
+
+
+def test_role_permissions_are_guardian_object_permissions(project, alice, bob, charlie):
+    assert alice.has_perm("projects.manage_project", project)
+    assert bob.has_perm("projects.view_project", project)
+    assert not bob.has_perm("projects.manage_project", project)
+    assert not charlie.has_perm("projects.view_project", project)
