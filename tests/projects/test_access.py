@@ -105,3 +105,21 @@ def test_role_permissions_are_guardian_object_permissions(project, alice, bob, c
     assert bob.has_perm("projects.view_project", project)
     assert not bob.has_perm("projects.manage_project", project)
     assert not charlie.has_perm("projects.view_project", project)
+
+
+def test_an_outsider_cannot_grant_or_remove_roles(project, client_for, charlie):
+    c = client_for(charlie)
+    resp = c.post("/api/v1/projects/acme/members", {"username": "charlie", "role": "admin"}, format="json")
+    assert resp.status_code == 404
+    assert c.delete("/api/v1/projects/acme/members/alice/admin").status_code == 404
+    assert not charlie.has_perm("projects.view_project", project)
+
+
+def test_only_people_allowed_to_may_create_projects(db, client_for, charlie, django_user_model):
+    resp = client_for(charlie).post("/api/v1/projects", {"slug": "mine"}, format="json")
+    assert resp.status_code == 403 and resp.json()["error_code"] == "permission_denied"
+    root = django_user_model.objects.create_superuser("root", password="pw")
+    resp = client_for(root).post("/api/v1/projects", {"slug": "mine", "name": "Mine"}, format="json")
+    assert resp.status_code == 201 and resp.json()["slug"] == "mine"
+    assert AuditEvent.objects.filter(action="project.created", project_slug="mine", actor_repr="root").exists()
+    assert AuditEvent.objects.filter(action="role.granted", project_slug="mine").exists()
