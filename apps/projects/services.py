@@ -6,6 +6,7 @@ import string
 from datetime import datetime
 
 from django.contrib.auth.models import Group
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 from guardian.shortcuts import assign_perm
@@ -116,8 +117,6 @@ def _validate_scopes(scopes) -> list[str]:
     cleaned = sorted({s.strip() for s in scopes if s and s.strip()})
     unknown = [s for s in cleaned if s not in valid]
     if unknown or not cleaned:
-        from django.core.exceptions import ValidationError
-
         raise ValidationError(
             {"scopes": f"unknown scope(s): {', '.join(unknown)}" if unknown
              else f"at least one scope is required ({', '.join(sorted(valid))})"}
@@ -131,8 +130,6 @@ def api_key_create(*, project: Project, name: str, scopes, actor, expires_at: da
     """Mint a key. Returns the row and the raw secret, which is shown once and never stored."""
     cleaned = _validate_scopes(scopes)
     if expires_at is not None and expires_at <= timezone.now():
-        from django.core.exceptions import ValidationError
-
         raise ValidationError({"expires_at": "must be in the future"})
     while True:
         body = "".join(secrets.choice(_ALPHABET) for _ in range(_SECRET_LEN))
