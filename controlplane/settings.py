@@ -53,6 +53,7 @@ INSTALLED_APPS = [
     "apps.common",
     "apps.audit",
     "apps.projects",
+    "apps.traces",
 ]
 
 MIDDLEWARE = [
@@ -136,7 +137,10 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Redis redelivers an unacked message after visibility_timeout: keep it above the longest task.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600} if REDIS_URL else {}
-CELERY_BEAT_SCHEDULE: dict = {}
+CELERY_BROKER_CONNECTION_TIMEOUT = 3
+CELERY_BEAT_SCHEDULE: dict = {
+    "traces-inbox-sweep": {"task": "traces.inbox_sweep", "schedule": env_int("TRACES_SWEEP_SECONDS", 15, minimum=1)},
+}
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 
 # --- Auth ------------------------------------------------------------------------------------------
@@ -213,3 +217,15 @@ LOGGING = {
 PORT = env_int("PORT", 8000, minimum=1)
 # Queues: ingest (raw batches → runs/spans), default, gpu. The embedded worker consumes them all.
 CELERY_EMBEDDED_QUEUES = ["default", "ingest", "gpu"]
+
+# --- The run log (apps.traces) ----------------------------------------------------------------------
+# A worker that dies mid-projection holds its batches until the lease expires; then the sweeper
+# hands them to another. Keep it well above a normal projection (seconds).
+TRACES_LEASE_SECONDS = env_int("TRACES_LEASE_SECONDS", 120, minimum=1)
+TRACES_MAX_ATTEMPTS = env_int("TRACES_MAX_ATTEMPTS", 5, minimum=1)
+TRACES_PROJECT_BATCH_LIMIT = env_int("TRACES_PROJECT_BATCH_LIMIT", 20, minimum=1)
+TRACES_INBOX_RETENTION_HOURS = env_int("TRACES_INBOX_RETENTION_HOURS", 24, minimum=1)
+TRACES_MAX_FIELD_BYTES = env_int("TRACES_MAX_FIELD_BYTES", 1024 * 1024, minimum=1024)
+# Request bodies: 20 MiB at most (413 beyond); one field of a span 1 MiB at most (400 beyond).
+MAX_REQUEST_BYTES = env_int("MAX_REQUEST_BYTES", 20 * 1024 * 1024, minimum=1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES

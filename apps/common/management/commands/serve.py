@@ -9,6 +9,7 @@ Ctrl-C (SIGINT) or SIGTERM stops Daphne, then the worker and beat, then the proc
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -50,6 +51,11 @@ class Command(BaseCommand):
             action_logger=None,
         )
         from twisted.internet import reactor
+
+        from apps.common import live
+
+        # Worker threads publish through Daphne's loop (the in-memory layer is not thread-safe).
+        reactor.callWhenRunning(lambda: live.bind_loop(asyncio.get_event_loop()))
 
         def stop(signum, frame):
             logger.info("signal %s: shutting down", signum)

@@ -1,0 +1,284 @@
+"""The run log: runs, spans and tool calls, and the inbox that makes every write durable first.
+
+The log proper is append-only: a :class:`Span` is never rewritten once stored, and a late change to
+it (closing an open span, a result that arrives later) is a :class:`SpanUpdate` row merged at read.
+:class:`Run` totals and :class:`ToolCall` rows are a read model derived from spans and updates by the
+projection (``services.inbox_project``); they can be rebuilt from the log (``run_totals_rebuild``).
+"""
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+
+class SpanKind(models.TextChoices):
+    AGENT = "agent"
+    LLM = "llm"
+    TOOL = "tool"
+    RETRIEVER = "retriever"
+    EMBEDDING = "embedding"
+    MEMORY = "memory"
+    CHAIN = "chain"
+    GUARDRAIL = "guardrail"
+    EVALUATOR = "evaluator"
+    LOOP = "loop"
+    LOOP_MOVE = "loop.move"
+    LOOP_ITERATION = "loop.iteration"
+    STEP = "step"
+    OTHER = "other"
+
+
+class SpanStatus(models.TextChoices):
+    OK = "ok"
+    ERROR = "error"
+    UNSET = "unset"
+
+
+TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+
+
+class IngestBatch(models.Model):
+    """A write as it was accepted, committed before the client gets its 2xx.
+
+    The projection leases a batch (``lease_expires_at``): a worker that dies mid-projection leaves
+    the lease to expire and the sweeper hands the batch to another worker. A batch that cannot be
+    projected is DEAD with its reason, never dropped. Once projected the payload is cleared; the row
+    stays (for ``Idempotency-Key`` replays) until housekeeping removes it.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        PROCESSING = "processing"
+        DONE = "done"
+        DEAD = "dead"
+
+    class Source(models.TextChoices):
+        REST = "rest"
+        OTLP = "otlp"
+
+    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="ingest_batches")
+    api_key = models.ForeignKey("projects.ApiKey", null=True, blank=True, on_delete=models.SET_NULL,
+                                related_name="+")
+    source = models.CharField(max_length=16, choices=Source.choices)
+    # The payload's format: "records" (canonical JSON records, see records.py); later ones register a decoder.
+    kind = models.CharField(max_length=32, default="records")
+    payload = models.JSONField(null=True, blank=True)
+    raw = models.BinaryField(null=True, blank=True)
+    item_count = models.PositiveIntegerField(default=0)
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001 - NULL = no key (unique)
+    request_hash = models.CharField(max_length=64, blank=True)
+    response = models.JSONField(null=True, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    not_before = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    processed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "ingest batch"
+        verbose_name_plural = "ingest inbox"
+        constraints = [
+            models.UniqueConstraint(fields=["project", "idempotency_key"], condition=Q(idempotency_key__isnull=False),
+                                    name="traces_batch_idempotency_key"),
+        ]
+        indexes = [
+            # The projection's claim query only ever looks at unfinished batches.
+            models.Index(fields=["status", "id"], condition=Q(status__in=["pending", "processing"]),
+                         name="traces_batch_open"),
+            models.Index(fields=["project", "status", "-created_at"], name="traces_batch_project"),
+        ]
+
+    def __str__(self) -> str:
+        return f"batch {self.pk} ({self.source}, {self.status})"
+
+
+class Run(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        COMPLETED = "completed"
+        FAILED = "failed"
+        LOST = "lost"
+        CANCELLED = "cancelled"
+
+    TERMINAL = (Status.COMPLETED, Status.FAILED, Status.LOST, Status.CANCELLED)
+
+    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="runs")
+    run_id = models.CharField(max_length=128, help_text="The agent's own run id (or one we assigned).")
+    trace_id = models.CharField(max_length=32, db_index=True)
+    agent_name = models.CharField(max_length=200, blank=True)
+    agent_version = models.CharField(max_length=100, blank=True)
+    end_user = models.CharField(max_length=256, blank=True, help_text="Who asked for this run.")
+    api_key = models.ForeignKey("projects.ApiKey", null=True, blank=True, on_delete=models.SET_NULL,
+                                related_name="runs")
+    session_id = models.CharField(max_length=256, blank=True)
+    parent_run = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="child_runs")
+    parent_run_ref = models.CharField(max_length=128, blank=True, help_text="The parent's run id as sent.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
+    start_received = models.BooleanField(default=False, help_text="False while only spans have arrived.")
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+    duration_ms = models.FloatField(null=True, blank=True)
+    input = models.JSONField(null=True, blank=True)
+    output = models.JSONField(null=True, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    models_used = models.JSONField(default=list, blank=True)
+    providers_used = models.JSONField(default=list, blank=True)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    cache_read_tokens = models.BigIntegerField(default=0)
+    cache_write_tokens = models.BigIntegerField(default=0)
+    reasoning_tokens = models.BigIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=18, decimal_places=8, null=True, blank=True)
+    error_code = models.CharField(max_length=100, blank=True)
+    error_details = models.JSONField(null=True, blank=True)
+    failing_span_id = models.CharField(max_length=64, blank=True)
+    span_count = models.PositiveIntegerField(default=0)
+    error_span_count = models.PositiveIntegerField(default=0)
+    last_span_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-started_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "run_id"], name="traces_run_project_run_id"),
+        ]
+        indexes = [
+            models.Index(fields=["project", "-started_at", "-id"], name="traces_run_time"),
+            models.Index(fields=["project", "status", "-started_at"], name="traces_run_status"),
+            models.Index(fields=["project", "agent_name", "-started_at"], name="traces_run_agent"),
+            models.Index(fields=["project", "end_user", "-started_at"], name="traces_run_end_user"),
+            models.Index(fields=["project", "session_id", "started_at"], name="traces_run_session"),
+            models.Index(fields=["project", "parent_run_ref"], name="traces_run_parent_ref",
+                         condition=~Q(parent_run_ref="")),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agent_name or 'run'} {self.run_id}"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(getattr(self, f) for f in TOKEN_FIELDS[:2])
+
+
+class Span(models.Model):
+    """One unit of work in a run, as it was received. Never updated; see SpanUpdate."""
+
+    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="+")
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="spans")
+    trace_id = models.CharField(max_length=32)
+    span_id = models.CharField(max_length=64)
+    parent_span_id = models.CharField(max_length=64, blank=True)
+    name = models.CharField(max_length=500)
+    kind = models.CharField(max_length=16, choices=SpanKind.choices, default=SpanKind.OTHER)
+    start_time = models.DateTimeField()
+    end_time = models.DateTimeField(null=True, blank=True)
+    status = models.CharField(max_length=8, choices=SpanStatus.choices, default=SpanStatus.UNSET)
+    status_message = models.TextField(blank=True)
+    error_code = models.CharField(max_length=100, blank=True)
+    retry_of = models.CharField(max_length=64, blank=True)
+    fallback_of = models.CharField(max_length=64, blank=True)
+    # Steps (a request tracer's timeline)
+    component = models.CharField(max_length=200, blank=True)
+    action = models.CharField(max_length=200, blank=True)
+    details = models.JSONField(null=True, blank=True)
+    # Model calls
+    provider = models.CharField(max_length=100, blank=True)
+    request_model = models.CharField(max_length=200, blank=True)
+    response_model = models.CharField(max_length=200, blank=True)
+    endpoint = models.CharField(max_length=500, blank=True)
+    input_tokens = models.BigIntegerField(null=True, blank=True)
+    output_tokens = models.BigIntegerField(null=True, blank=True)
+    cache_read_tokens = models.BigIntegerField(null=True, blank=True)
+    cache_write_tokens = models.BigIntegerField(null=True, blank=True)
+    reasoning_tokens = models.BigIntegerField(null=True, blank=True)
+    time_to_first_token_ms = models.FloatField(null=True, blank=True)
+    stream_chunks = models.PositiveIntegerField(null=True, blank=True)
+    output_tokens_per_second = models.FloatField(null=True, blank=True)
+    input_messages = models.JSONField(null=True, blank=True)
+    output_messages = models.JSONField(null=True, blank=True)
+    # Tool calls (also projected to ToolCall)
+    tool = models.JSONField(null=True, blank=True)
+    attributes = models.JSONField(default=dict, blank=True)
+    events = models.JSONField(default=list, blank=True)
+    batch_id = models.BigIntegerField(null=True, blank=True, help_text="The inbox batch it came in.")
+    received_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["start_time", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "trace_id", "span_id"], name="traces_span_identity"),
+        ]
+        indexes = [
+            models.Index(fields=["run", "start_time"], name="traces_span_run"),
+            models.Index(fields=["project", "-start_time"], name="traces_span_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name} ({self.span_id})"
+
+
+class SpanUpdate(models.Model):
+    """A late change to a span (closing it, a late result), appended and merged at read.
+
+    Keyed by the span's identity rather than a foreign key, so an update that arrives before its
+    span is kept and applies once the span comes.
+    """
+
+    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="+")
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="span_updates")
+    trace_id = models.CharField(max_length=32)
+    span_id = models.CharField(max_length=64)
+    fields = models.JSONField()
+    batch_id = models.BigIntegerField(null=True, blank=True)
+    received_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            models.Index(fields=["project", "trace_id", "span_id"], name="traces_spanupdate_span"),
+            models.Index(fields=["run", "id"], name="traces_spanupdate_run"),
+        ]
+
+    def __str__(self) -> str:
+        return f"update of {self.span_id}"
+
+
+class ToolCall(models.Model):
+    """A tool invocation, projected from a span's ``tool`` (and its updates)."""
+
+    class Status(models.TextChoices):
+        OK = "ok"
+        ERROR = "error"
+        RUNNING = "running"
+
+    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="+")
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="tool_calls")
+    span = models.OneToOneField(Span, on_delete=models.CASCADE, related_name="tool_call")
+    name = models.CharField(max_length=200)
+    call_id = models.CharField(max_length=200, blank=True)
+    arguments = models.JSONField(null=True, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.RUNNING)
+    latency_ms = models.FloatField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    started_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["started_at", "id"]
+        indexes = [
+            models.Index(fields=["run", "started_at"], name="traces_toolcall_run"),
+            models.Index(fields=["project", "name", "-started_at"], name="traces_toolcall_name"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.call_id or self.span_id})"

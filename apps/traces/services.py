@@ -1,0 +1,639 @@
+"""Writes to the run log: accept a batch durably, then project it into runs, spans and tool calls.
+
+Accept (``batch_accept``) is the only thing a request waits for: one insert into the inbox, in the
+request's transaction, with the ``Idempotency-Key`` check. Projection (``inbox_project``) runs on a
+worker: it leases batches, applies them in one transaction per group of batches, and marks them done
+in that same transaction, so a worker killed halfway leaves nothing behind but an expiring lease.
+
+Projection is idempotent: a span already stored (same project, trace id and span id) is skipped,
+and run totals move by the difference a batch makes to the *effective* spans (span + its updates),
+computed under a row lock on each run touched. Re-projecting a batch, or receiving a span twice,
+therefore never counts anything twice.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from apps.common import live
+from apps.common.errors import ApiError, ErrorCode
+
+from . import signals
+from .models import TOKEN_FIELDS, IngestBatch, Run, Span, SpanUpdate, ToolCall
+from .records import USAGE_KEYS, RecordError, parse_time, trace_id_for_run
+
+logger = logging.getLogger(__name__)
+
+# --- settings -------------------------------------------------------------------------------------
+
+
+def _lease() -> timedelta:
+    return timedelta(seconds=getattr(settings, "TRACES_LEASE_SECONDS", 120))
+
+
+def _max_attempts() -> int:
+    return getattr(settings, "TRACES_MAX_ATTEMPTS", 5)
+
+
+# --- live groups (the UI issue's consumers subscribe to these) ---------------------------------------
+
+
+def project_runs_group(project_id: int) -> str:
+    return f"traces.project.{project_id}.runs"
+
+
+def run_group(run_pk: int) -> str:
+    return f"traces.run.{run_pk}"
+
+
+# --- accept ---------------------------------------------------------------------------------------
+
+# Decoders turn a stored payload into canonical records (records.py). "records" payloads are already
+# canonical; higher apps (OTLP ingest) register theirs from AppConfig.ready().
+Decoder = Callable[[IngestBatch], list[dict]]
+DECODERS: dict[str, Decoder] = {"records": lambda batch: batch.payload}
+
+
+def register_decoder(kind: str, decoder: Decoder) -> None:
+    DECODERS[kind] = decoder
+
+
+def _replay(existing: IngestBatch, request_hash: str) -> dict:
+    if existing.request_hash != request_hash:
+        raise ApiError(ErrorCode.IDEMPOTENCY_CONFLICT,
+                       "This Idempotency-Key was already used with a different request.", status_code=409,
+                       details={"batch_id": existing.pk})
+    return existing.response or {}
+
+
+def batch_accept(*, project, api_key, source: str, response: dict, records: list[dict] | None = None,
+                 kind: str = "records", raw: bytes | None = None, item_count: int = 0,
+                 idempotency_key: str | None = None, request_hash: str = "") -> tuple[dict, bool]:
+    """Store one write durably and schedule its projection.
+
+    Returns ``(response, replayed)``; ``response`` is what the client is answered (for a replayed
+    ``Idempotency-Key``, the first answer). Raises ApiError 409 when the key was used with another
+    body. Database faults propagate (the API answers 503).
+    """
+    with transaction.atomic():
+        if idempotency_key:
+            existing = IngestBatch.objects.filter(project=project, idempotency_key=idempotency_key).first()
+            if existing is not None:
+                return _replay(existing, request_hash), True
+        batch = IngestBatch(project=project, api_key=api_key, source=source, kind=kind, payload=records,
+                            raw=raw, item_count=item_count, idempotency_key=idempotency_key or None,
+                            request_hash=request_hash, response={**response})
+        try:
+            with transaction.atomic():
+                batch.save()
+        except IntegrityError:
+            if not idempotency_key:
+                raise
+            existing = IngestBatch.objects.get(project=project, idempotency_key=idempotency_key)
+            return _replay(existing, request_hash), True
+        batch.response["batch_id"] = batch.pk
+        IngestBatch.objects.filter(pk=batch.pk).update(response=batch.response)
+        transaction.on_commit(lambda: _enqueue(batch.pk), robust=True)
+    return batch.response, False
+
+
+def _enqueue(batch_id: int) -> None:
+    """Ask a worker to project now. If the broker is down the sweeper picks the batch up later."""
+    from .tasks import inbox_project as inbox_project_task
+
+    try:
+        inbox_project_task.apply_async(kwargs={"batch_id": batch_id}, retry=False)
+    except Exception as exc:  # noqa: BLE001 - the batch is durable; only its promptness suffers
+        logger.warning("could not enqueue projection of batch %s (the sweeper will): %r", batch_id, exc)
+
+
+# --- the effective span: a stored span merged with its late updates --------------------------------
+
+_SPAN_SCALARS = ("name", "kind", "start_time", "end_time", "status", "status_message", "error_code", "retry_of",
+                 "fallback_of", "component", "action", "details", "provider", "model", "response_model", "endpoint",
+                 "time_to_first_token_ms", "input_messages", "output_messages")
+
+
+def span_to_record(span: Span) -> dict:
+    """A stored span back in the canonical record shape (the inverse of ``_span_from_record``)."""
+    rec: dict[str, Any] = {
+        "span_id": span.span_id, "parent_span_id": span.parent_span_id, "name": span.name, "kind": span.kind,
+        "start_time": span.start_time.isoformat(), "status": span.status,
+        "attributes": span.attributes or {}, "events": span.events or [],
+    }
+    if span.end_time is not None:
+        rec["end_time"] = span.end_time.isoformat()
+    for key in ("status_message", "error_code", "retry_of", "fallback_of", "component", "action", "provider",
+                "response_model", "endpoint"):
+        if getattr(span, key):
+            rec[key] = getattr(span, key)
+    if span.request_model:
+        rec["model"] = span.request_model
+    for key in ("details", "input_messages", "output_messages", "time_to_first_token_ms", "tool"):
+        if getattr(span, key) is not None:
+            rec[key] = getattr(span, key)
+    usage = {k: getattr(span, k) for k in USAGE_KEYS if getattr(span, k) is not None}
+    if usage:
+        rec["usage"] = usage
+    stream = {k: v for k, v in (("chunks", span.stream_chunks),
+                                ("output_tokens_per_second", span.output_tokens_per_second)) if v is not None}
+    if stream:
+        rec["stream"] = stream
+    return rec
+
+
+def merge_span(base: dict, updates: list[dict]) -> dict:
+    """Apply late updates in arrival order: maps merge, events append, everything else replaces."""
+    if not updates:
+        return base
+    out = dict(base)
+    for fields in updates:
+        for key, value in fields.items():
+            if key in ("attributes", "usage", "tool", "stream"):
+                out[key] = {**(out.get(key) or {}), **value}
+            elif key == "events":
+                out["events"] = list(out.get("events") or []) + list(value)
+            else:
+                out[key] = value
+    return out
+
+
+def _span_from_record(rec: dict, *, project_id: int, run: Run, trace_id: str, batch_id: int | None) -> Span:
+    usage = rec.get("usage") or {}
+    stream = rec.get("stream") or {}
+    return Span(
+        project_id=project_id, run=run, trace_id=trace_id, span_id=rec["span_id"],
+        parent_span_id=rec.get("parent_span_id", ""), name=rec["name"], kind=rec["kind"],
+        start_time=parse_time(rec["start_time"]), end_time=parse_time(rec.get("end_time")),
+        status=rec.get("status", "unset"), status_message=rec.get("status_message", ""),
+        error_code=rec.get("error_code", ""), retry_of=rec.get("retry_of", ""), fallback_of=rec.get("fallback_of", ""),
+        component=rec.get("component", ""), action=rec.get("action", ""), details=rec.get("details"),
+        provider=rec.get("provider", ""), request_model=rec.get("model", ""),
+        response_model=rec.get("response_model", ""), endpoint=rec.get("endpoint", ""),
+        time_to_first_token_ms=rec.get("time_to_first_token_ms"), stream_chunks=stream.get("chunks"),
+        output_tokens_per_second=stream.get("output_tokens_per_second"),
+        input_messages=rec.get("input_messages"), output_messages=rec.get("output_messages"),
+        tool=rec.get("tool"), attributes=rec.get("attributes") or {}, events=rec.get("events") or [],
+        batch_id=batch_id, **{k: usage.get(k) for k in USAGE_KEYS},
+    )
+
+
+def _contribution(eff: dict | None) -> tuple[int, ...]:
+    """What one effective span adds to its run: the five token counts, one span, one error or not."""
+    if eff is None:
+        return (0,) * (len(TOKEN_FIELDS) + 2)
+    usage = eff.get("usage") or {}
+    return (*(usage.get(k) or 0 for k in USAGE_KEYS), 1, 1 if eff.get("status") == "error" else 0)
+
+
+def _tool_status(eff: dict) -> str:
+    if eff.get("status") == "error" or (eff.get("tool") or {}).get("error"):
+        return ToolCall.Status.ERROR
+    if eff.get("end_time") or eff.get("status") == "ok":
+        return ToolCall.Status.OK
+    return ToolCall.Status.RUNNING
+
+
+def _latency_ms(eff: dict) -> float | None:
+    if not eff.get("end_time"):
+        return None
+    return (parse_time(eff["end_time"]) - parse_time(eff["start_time"])).total_seconds() * 1000
+
+
+# --- projection -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Changes:
+    """What one projection changed, for broadcasts and signals after commit."""
+
+    runs: dict[int, Run] = field(default_factory=dict)
+    new_spans: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
+    updated_spans: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
+    finished: set[int] = field(default_factory=set)
+
+
+class _PoisonBatch(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _decode(batch: IngestBatch) -> list[dict]:
+    decoder = DECODERS.get(batch.kind)
+    if decoder is None:
+        raise _PoisonBatch("unknown_kind", f"no decoder for batch kind {batch.kind!r}")
+    try:
+        records = decoder(batch)
+    except RecordError as exc:
+        raise _PoisonBatch("invalid_record", str(exc)) from exc
+    if not isinstance(records, list):
+        raise _PoisonBatch("invalid_record", "payload is not a list of records")
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or rec.get("op") not in ("run.start", "span", "span.update", "run.finish"):
+            raise _PoisonBatch("invalid_record", f"record {i}: unknown op {rec.get('op') if isinstance(rec, dict) else rec!r}")
+        if not isinstance(rec.get("run_id"), str) or not rec["run_id"]:
+            raise _PoisonBatch("invalid_record", f"record {i}: run_id missing")
+    return records
+
+
+def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: _Changes) -> None:
+    """Apply one project's records (in arrival order) inside the caller's transaction."""
+    now = timezone.now()
+
+    # 1. The runs touched: create placeholders for unknown ones, then lock them all (ordered by pk).
+    first_seen: dict[str, tuple[IngestBatch, dict]] = {}
+    earliest: dict[str, str] = {}
+    for batch, rec in items:
+        run_id = rec["run_id"]
+        first_seen.setdefault(run_id, (batch, rec))
+        when = (rec.get("started_at") if rec["op"] == "run.start"
+                else rec["span"].get("start_time") if rec["op"] == "span" else None)
+        if when and (run_id not in earliest or when < earliest[run_id]):
+            earliest[run_id] = when
+    run_ids = list(first_seen)
+    known = set(Run.objects.filter(project_id=project_id, run_id__in=run_ids).values_list("run_id", flat=True))
+    placeholders = [
+        Run(project_id=project_id, run_id=run_id, trace_id=first_seen[run_id][1].get("trace_id") or trace_id_for_run(run_id),
+            api_key_id=first_seen[run_id][0].api_key_id, status=Run.Status.RUNNING,
+            started_at=parse_time(earliest[run_id]) if run_id in earliest else now)
+        for run_id in run_ids if run_id not in known
+    ]
+    if placeholders:
+        Run.objects.bulk_create(placeholders, ignore_conflicts=True)
+    runs = {r.run_id: r for r in Run.objects.select_for_update().filter(project_id=project_id, run_id__in=run_ids)
+            .order_by("pk")}
+    dirty: set[str] = set()
+
+    # 2. Span state before this batch, for every span the batch touches.
+    keys: set[tuple[str, str]] = set()
+    for _, rec in items:
+        if rec["op"] == "span":
+            keys.add((runs[rec["run_id"]].trace_id, rec["span"]["span_id"]))
+        elif rec["op"] == "span.update":
+            keys.add((runs[rec["run_id"]].trace_id, rec["span_id"]))
+    stored: dict[tuple[str, str], Span] = {}
+    prior_updates: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    if keys:
+        trace_ids = {k[0] for k in keys}
+        span_ids = {k[1] for k in keys}
+        for span in Span.objects.filter(project_id=project_id, trace_id__in=trace_ids, span_id__in=span_ids):
+            if (span.trace_id, span.span_id) in keys:
+                stored[(span.trace_id, span.span_id)] = span
+        for upd in (SpanUpdate.objects.filter(project_id=project_id, trace_id__in=trace_ids, span_id__in=span_ids)
+                    .order_by("id").values_list("trace_id", "span_id", "fields")):
+            if (upd[0], upd[1]) in keys:
+                prior_updates[(upd[0], upd[1])].append(upd[2])
+    base: dict[tuple[str, str], dict] = {k: span_to_record(s) for k, s in stored.items()}
+    before = {k: merge_span(base[k], prior_updates[k]) if k in base else None for k in keys}
+    new_updates: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    key_run: dict[tuple[str, str], Run] = {}
+
+    # 3. Apply records in order.
+    new_spans: list[Span] = []
+    update_rows: list[SpanUpdate] = []
+    parent_refs: dict[str, str] = {}
+    for batch, rec in items:
+        run = runs[rec["run_id"]]
+        op = rec["op"]
+        if op == "run.start":
+            run.start_received = True
+            run.agent_name = rec.get("agent_name", "") or run.agent_name
+            run.agent_version = rec.get("agent_version", "") or run.agent_version
+            run.end_user = rec.get("end_user", "") or run.end_user
+            run.session_id = rec.get("session_id", "") or run.session_id
+            if rec.get("input") is not None:
+                run.input = rec["input"]
+            run.metadata = {**(run.metadata or {}), **(rec.get("metadata") or {})}
+            run.started_at = parse_time(rec["started_at"])
+            if run.api_key_id is None:
+                run.api_key_id = batch.api_key_id
+            if not run.is_terminal:
+                run.status = rec.get("status", Run.Status.RUNNING)
+            if rec.get("parent_run_id"):
+                run.parent_run_ref = rec["parent_run_id"]
+                parent_refs[run.run_id] = rec["parent_run_id"]
+            dirty.add(run.run_id)
+        elif op == "span":
+            key = (run.trace_id, rec["span"]["span_id"])
+            if key in base:
+                continue  # already stored (a re-send): spans are immutable, the first one stands
+            base[key] = rec["span"]
+            key_run[key] = run
+            new_spans.append(_span_from_record(rec["span"], project_id=project_id, run=run, trace_id=run.trace_id,
+                                               batch_id=batch.pk))
+            changes.new_spans[run.pk].append(key[1])
+        elif op == "span.update":
+            key = (run.trace_id, rec["span_id"])
+            fields = dict(rec["fields"])
+            if rec.get("at"):
+                fields.setdefault("events", [])
+                fields["events"] = [*fields["events"], {"name": "controlplane.span.updated", "time": rec["at"],
+                                                        "attributes": {"fields": sorted(rec["fields"])}}]
+            new_updates[key].append(fields)
+            key_run.setdefault(key, run)
+            update_rows.append(SpanUpdate(project_id=project_id, run=run, trace_id=key[0], span_id=key[1],
+                                          fields=fields, batch_id=batch.pk))
+            changes.updated_spans[run.pk].append(key[1])
+        elif op == "run.finish":
+            run.status = rec["status"]
+            run.ended_at = parse_time(rec["ended_at"])
+            if rec.get("output") is not None:
+                run.output = rec["output"]
+            run.error_code = rec.get("error_code", "") or run.error_code
+            if rec.get("error_details") is not None:
+                run.error_details = rec["error_details"]
+            if rec.get("failing_span_id"):
+                run.failing_span_id = rec["failing_span_id"]
+            changes.finished.add(run.pk)
+            dirty.add(run.run_id)
+
+    # 4. Store the log (spans, updates), then tool calls.
+    if new_spans:
+        Span.objects.bulk_create(new_spans, batch_size=1000)
+    if update_rows:
+        SpanUpdate.objects.bulk_create(update_rows, batch_size=1000)
+    span_pk = {(s.trace_id, s.span_id): s.pk for s in new_spans}
+    span_pk.update({k: s.pk for k, s in stored.items()})
+
+    after = {k: merge_span(base[k], prior_updates[k] + new_updates[k]) if k in base else None for k in keys}
+    existing_tools = {tc.span_id: tc for tc in ToolCall.objects.filter(span_id__in=[s.pk for s in stored.values()])}
+    tools_new: list[ToolCall] = []
+    tools_changed: list[ToolCall] = []
+    for key in keys:
+        run = key_run.get(key)
+        if run is None:
+            continue
+        eff, prev = after[key], before[key]
+        if eff is not None:
+            # Run totals move by the difference this batch made to the effective span.
+            delta = [a - b for a, b in zip(_contribution(eff), _contribution(prev), strict=True)]
+            if any(delta):
+                for name, d in zip(TOKEN_FIELDS, delta[:len(TOKEN_FIELDS)], strict=True):
+                    setattr(run, name, getattr(run, name) + d)
+                run.span_count += delta[len(TOKEN_FIELDS)]
+                run.error_span_count += delta[len(TOKEN_FIELDS) + 1]
+                dirty.add(run.run_id)
+            for value, bucket in ((eff.get("model"), "models_used"), (eff.get("response_model"), "models_used"),
+                                  (eff.get("provider"), "providers_used")):
+                if value and value not in getattr(run, bucket):
+                    setattr(run, bucket, [*getattr(run, bucket), value])
+                    dirty.add(run.run_id)
+            if not run.start_received and eff.get("start_time"):
+                start = parse_time(eff["start_time"])
+                if start < run.started_at:
+                    run.started_at = start
+                    dirty.add(run.run_id)
+            if eff.get("tool") and eff["tool"].get("name") and eff != prev:
+                tool = eff["tool"]
+                values = dict(name=tool["name"], call_id=tool.get("call_id", ""), arguments=tool.get("arguments"),
+                              result=tool.get("result"), status=_tool_status(eff), latency_ms=_latency_ms(eff),
+                              error=tool.get("error") or (eff.get("status_message", "") if eff.get("status") == "error"
+                                                          else ""),
+                              started_at=parse_time(eff["start_time"]))
+                pk = span_pk[key]
+                if pk in existing_tools:
+                    tc = existing_tools[pk]
+                    for k, v in values.items():
+                        setattr(tc, k, v)
+                    tools_changed.append(tc)
+                else:
+                    tools_new.append(ToolCall(project_id=project_id, run=run, span_id=pk, **values))
+        run.last_span_at = now
+        dirty.add(run.run_id)
+    if tools_new:
+        ToolCall.objects.bulk_create(tools_new, batch_size=1000)
+    if tools_changed:
+        ToolCall.objects.bulk_update(tools_changed, ["name", "call_id", "arguments", "result", "status", "latency_ms",
+                                                     "error", "started_at"])
+
+    # 5. Links between runs, in both arrival orders.
+    if parent_refs:
+        parents = dict(Run.objects.filter(project_id=project_id, run_id__in=set(parent_refs.values()))
+                       .values_list("run_id", "pk"))
+        for run_id, ref in parent_refs.items():
+            runs[run_id].parent_run_id = parents.get(ref)
+    if placeholders:
+        # Children that named one of the new runs as parent before it existed.
+        waiting = list(Run.objects.filter(project_id=project_id, parent_run_ref__in=run_ids, parent_run__isnull=True)
+                       .exclude(run_id__in=run_ids))
+        for child in waiting:
+            child.parent_run_id = runs[child.parent_run_ref].pk
+        Run.objects.bulk_update(waiting, ["parent_run"])
+
+    # 6. Derived run fields, then save the runs.
+    for run_id in dirty:
+        run = runs[run_id]
+        if run.ended_at is not None and run.started_at is not None:
+            run.duration_ms = max((run.ended_at - run.started_at).total_seconds() * 1000, 0.0)
+        if run.status == Run.Status.FAILED and not run.failing_span_id:
+            run.failing_span_id = _failing_span(run)
+        run.updated_at = now
+        changes.runs[run.pk] = run
+    if dirty:
+        Run.objects.bulk_update([runs[r] for r in dirty], _RUN_FIELDS)
+
+
+_RUN_FIELDS = ["agent_name", "agent_version", "end_user", "api_key", "session_id", "parent_run", "parent_run_ref",
+               "status", "start_received", "started_at", "ended_at", "duration_ms", "input", "output", "metadata",
+               "models_used", "providers_used", *TOKEN_FIELDS, "error_code", "error_details", "failing_span_id",
+               "span_count", "error_span_count", "last_span_at", "updated_at"]
+
+
+def _failing_span(run: Run) -> str:
+    """The latest error span of a run that no retry or fallback recovered ('' if none)."""
+    spans = {s.span_id: s for s in Span.objects.filter(run=run).filter(
+        Q(status="error") | ~Q(retry_of="") | ~Q(fallback_of=""))}
+    updates: dict[str, list[dict]] = defaultdict(list)
+    for span_id, fields in SpanUpdate.objects.filter(run=run).order_by("id").values_list("span_id", "fields"):
+        updates[span_id].append(fields)
+    if updates:
+        for s in Span.objects.filter(run=run, span_id__in=list(updates)).exclude(pk__in=[s.pk for s in spans.values()]):
+            spans[s.span_id] = s
+    eff = {sid: merge_span(span_to_record(s), updates.get(sid, [])) for sid, s in spans.items()}
+    recovered = {e.get("retry_of") or e.get("fallback_of") for e in eff.values()
+                 if (e.get("retry_of") or e.get("fallback_of")) and e.get("status") != "error"}
+    failed = [e for sid, e in eff.items() if e.get("status") == "error" and sid not in recovered]
+    if not failed:
+        return ""
+    return max(failed, key=lambda e: (e.get("end_time") or e["start_time"]))["span_id"]
+
+
+def _project(batches: list[IngestBatch], changes: _Changes) -> None:
+    by_project: dict[int, list[tuple[IngestBatch, dict]]] = defaultdict(list)
+    for batch in batches:
+        for rec in _decode(batch):
+            by_project[batch.project_id].append((batch, rec))
+    for project_id in sorted(by_project):
+        _apply(project_id, by_project[project_id], changes)
+    IngestBatch.objects.filter(pk__in=[b.pk for b in batches]).update(
+        status=IngestBatch.Status.DONE, payload=None, raw=None, lease_expires_at=None, processed_at=timezone.now(),
+        error_code="", error="")
+
+
+def _claim(batch_id: int | None, limit: int) -> list[IngestBatch]:
+    now = timezone.now()
+    claimable = IngestBatch.objects.filter(
+        Q(status=IngestBatch.Status.PENDING, not_before__isnull=True)
+        | Q(status=IngestBatch.Status.PENDING, not_before__lte=now)
+        | Q(status=IngestBatch.Status.PROCESSING, lease_expires_at__lt=now)
+    )
+    with transaction.atomic():
+        ids: list[int] = []
+        if batch_id is not None:
+            ids = list(claimable.filter(pk=batch_id).select_for_update(skip_locked=True).values_list("pk", flat=True))
+        if len(ids) < limit:
+            ids += list(claimable.exclude(pk__in=ids).order_by("id").select_for_update(skip_locked=True)
+                        .values_list("pk", flat=True)[: limit - len(ids)])
+        if not ids:
+            return []
+        IngestBatch.objects.filter(pk__in=ids).update(status=IngestBatch.Status.PROCESSING,
+                                                      attempts=F("attempts") + 1,
+                                                      lease_expires_at=now + _lease())
+    return list(IngestBatch.objects.filter(pk__in=ids).order_by("id"))
+
+
+def _dead(batch: IngestBatch, code: str, message: str) -> None:
+    logger.error("batch %s dead-lettered (%s): %s", batch.pk, code, message)
+    IngestBatch.objects.filter(pk=batch.pk).update(status=IngestBatch.Status.DEAD, error_code=code,
+                                                   error=message[:10_000], lease_expires_at=None,
+                                                   processed_at=timezone.now())
+
+
+def _retry_later(batch: IngestBatch, exc: Exception) -> None:
+    delay = min(300, 5 * 2 ** max(batch.attempts - 1, 0))
+    logger.warning("batch %s failed (attempt %s), retrying in %ss: %r", batch.pk, batch.attempts, delay, exc)
+    IngestBatch.objects.filter(pk=batch.pk).update(status=IngestBatch.Status.PENDING, error_code="projection_error",
+                                                   error=repr(exc)[:10_000], lease_expires_at=None,
+                                                   not_before=timezone.now() + timedelta(seconds=delay))
+
+
+def _project_one(batch: IngestBatch) -> _Changes | None:
+    """Project one batch in its own transaction; dead-letter or reschedule it on failure."""
+    if batch.attempts > _max_attempts():
+        _dead(batch, "gave_up", f"projection did not complete after {batch.attempts - 1} attempts "
+                                f"(last error: {batch.error or 'worker lost'})")
+        return None
+    changes = _Changes()
+    try:
+        with transaction.atomic():
+            _project([batch], changes)
+    except _PoisonBatch as exc:
+        _dead(batch, exc.code, str(exc))
+    except (RecordError, KeyError, TypeError, ValueError) as exc:
+        _dead(batch, "invalid_record", f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - transient (database) or a bug: retry, then give up
+        _retry_later(batch, exc)
+    else:
+        return changes
+    return None
+
+
+def inbox_project(*, batch_id: int | None = None, limit: int | None = None) -> int:
+    """Lease up to ``limit`` batches (``batch_id`` first) and project them. Returns how many it claimed.
+
+    The claimed batches are projected in one transaction; if that fails, each is projected alone so
+    one bad batch cannot hold back the others.
+    """
+    limit = limit or getattr(settings, "TRACES_PROJECT_BATCH_LIMIT", 20)
+    batches = _claim(batch_id, limit)
+    if not batches:
+        return 0
+    results: list[_Changes | None] = []
+    together = [b for b in batches if b.attempts <= _max_attempts()]
+    if len(together) > 1 and len(together) == len(batches):
+        changes = _Changes()
+        try:
+            with transaction.atomic():
+                _project(batches, changes)
+            results.append(changes)
+        except Exception as exc:  # noqa: BLE001 - isolate the culprit below
+            logger.info("projecting %s batches together failed (%r); one by one", len(batches), exc)
+            results = [_project_one(b) for b in batches]
+    else:
+        results = [_project_one(b) for b in batches]
+    for changes in results:
+        if changes is not None:
+            _after_commit(changes)
+    return len(batches)
+
+
+def _run_summary(run: Run) -> dict:
+    return {
+        "id": run.run_id, "status": run.status, "agent": run.agent_name, "end_user": run.end_user,
+        "session_id": run.session_id, "started_at": run.started_at.isoformat() if run.started_at else None,
+        "ended_at": run.ended_at.isoformat() if run.ended_at else None, "span_count": run.span_count,
+        "error_span_count": run.error_span_count, "input_tokens": run.input_tokens,
+        "output_tokens": run.output_tokens,
+    }
+
+
+def _after_commit(changes: _Changes) -> None:
+    """Broadcast and signal what changed (the transaction has committed: the data is readable)."""
+    if not changes.runs:
+        return
+    messages = []
+    for pk, run in changes.runs.items():
+        summary = _run_summary(run)
+        messages.append((project_runs_group(run.project_id), {"type": "run.updated", "run": summary}))
+        messages.append((run_group(pk), {"type": "run.updated", "run": summary,
+                                         "new_spans": changes.new_spans.get(pk, []),
+                                         "updated_spans": changes.updated_spans.get(pk, [])}))
+    live.publish_many(messages)
+    for pk, run in changes.runs.items():
+        try:
+            signals.run_changed.send(sender=Run, run=run, new_span_ids=changes.new_spans.get(pk, []),
+                                     updated_span_ids=changes.updated_spans.get(pk, []))
+            if pk in changes.finished:
+                signals.run_finished.send(sender=Run, run=run)
+        except Exception:  # noqa: BLE001 - a receiver's bug must not undo or stall ingest
+            logger.exception("a receiver of a traces signal failed for run %s", pk)
+
+
+def inbox_sweep() -> dict[str, int]:
+    """Beat task body: project whatever is claimable (lost enqueues, expired leases, retries due),
+    and delete projected batches older than the idempotency window."""
+    projected = 0
+    deadline = timezone.now() + timedelta(seconds=getattr(settings, "TRACES_SWEEP_BUDGET_SECONDS", 30))
+    while timezone.now() < deadline:
+        n = inbox_project()
+        if not n:
+            break
+        projected += n
+    cutoff = timezone.now() - timedelta(hours=getattr(settings, "TRACES_INBOX_RETENTION_HOURS", 24))
+    deleted = 0
+    while True:
+        ids = list(IngestBatch.objects.filter(status=IngestBatch.Status.DONE, processed_at__lt=cutoff)
+                   .values_list("pk", flat=True)[:1000])
+        if not ids:
+            break
+        deleted += IngestBatch.objects.filter(pk__in=ids).delete()[0]
+    return {"projected": projected, "deleted": deleted}
+
+
+def run_totals_rebuild(run: Run) -> dict[str, Any]:
+    """Recompute a run's derived totals from its spans and updates (repair, and a check in tests)."""
+    updates: dict[str, list[dict]] = defaultdict(list)
+    for span_id, fields in SpanUpdate.objects.filter(run=run).order_by("id").values_list("span_id", "fields"):
+        updates[span_id].append(fields)
+    totals = dict.fromkeys([*TOKEN_FIELDS, "span_count", "error_span_count"], 0)
+    models_used: list[str] = []
+    providers_used: list[str] = []
+    for span in Span.objects.filter(run=run).order_by("start_time", "id"):
+        eff = merge_span(span_to_record(span), updates.get(span.span_id, []))
+        for name, value in zip([*TOKEN_FIELDS, "span_count", "error_span_count"], _contribution(eff), strict=True):
+            totals[name] += value
+        for value, bucket in ((eff.get("model"), models_used), (eff.get("response_model"), models_used),
+                              (eff.get("provider"), providers_used)):
+            if value and value not in bucket:
+                bucket.append(value)
+    return {**totals, "models_used": sorted(models_used), "providers_used": sorted(providers_used)}
