@@ -72,7 +72,7 @@ def _replay(existing: IngestBatch, request_hash: str) -> dict:
         raise ApiError(ErrorCode.IDEMPOTENCY_CONFLICT,
                        "This Idempotency-Key was already used with a different request.", status_code=409,
                        details={"batch_id": existing.pk})
-    return existing.response or {}
+    return {**(existing.response or {}), "batch_id": existing.pk}
 
 
 def batch_accept(*, project, api_key, source: str, response: dict, records: list[dict] | None = None,
@@ -100,10 +100,8 @@ def batch_accept(*, project, api_key, source: str, response: dict, records: list
                 raise
             existing = IngestBatch.objects.get(project=project, idempotency_key=idempotency_key)
             return _replay(existing, request_hash), True
-        batch.response["batch_id"] = batch.pk
-        IngestBatch.objects.filter(pk=batch.pk).update(response=batch.response)
         transaction.on_commit(lambda: _enqueue(batch.pk), robust=True)
-    return batch.response, False
+    return {**batch.response, "batch_id": batch.pk}, False
 
 
 def _enqueue(batch_id: int) -> None:
