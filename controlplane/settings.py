@@ -59,6 +59,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "apps.common.middleware.RequestIdMiddleware",
+    "apps.common.middleware.DatabaseUnavailableMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -101,8 +102,12 @@ else:
     # Under ASGI persistent connections leak across threads; use psycopg's pool instead.
     _db["CONN_MAX_AGE"] = 0
     _db["OPTIONS"].setdefault("connect_timeout", "5")
+    # The pool hands out only connections that pass a check, and a request waits at most
+    # DATABASE_POOL_TIMEOUT seconds for one: with the database gone, the API answers 503 quickly.
+    _db["CONN_HEALTH_CHECKS"] = True
     if env_bool("DATABASE_POOL", True):
-        _db["OPTIONS"]["pool"] = {"min_size": 1, "max_size": env_int("DATABASE_POOL_MAX", 10, minimum=1)}
+        _db["OPTIONS"]["pool"] = {"min_size": 1, "max_size": env_int("DATABASE_POOL_MAX", 10, minimum=1),
+                                  "timeout": env_int("DATABASE_POOL_TIMEOUT", 5, minimum=1)}
     _db["TEST"] = {"NAME": env_str("TEST_DATABASE_NAME", "") or None}
 DATABASES = {"default": _db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -188,7 +193,13 @@ SPECTACULAR_SETTINGS = {
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     "SERVE_AUTHENTICATION": [],
     "COMPONENT_SPLIT_REQUEST": True,
-    "ENUM_NAME_OVERRIDES": {"RoleEnum": "apps.projects.models.Role"},
+    "ENUM_NAME_OVERRIDES": {
+        "RoleEnum": "apps.projects.models.Role",
+        "RunStatusEnum": "apps.traces.models.Run.Status",
+        "SpanStatusEnum": "apps.traces.models.SpanStatus",
+        "RunStartStatusEnum": "apps.traces.records.RUN_START_STATUSES",
+        "RunFinishStatusEnum": "apps.traces.records.RUN_FINISH_STATUSES",
+    },
 }
 
 # --- Security (production guards) -----------------------------------------------------------------

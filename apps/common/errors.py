@@ -30,6 +30,7 @@ class ErrorCode(models.TextChoices):
     API_KEY_EXPIRED = "api_key_expired"
     MISSING_SCOPE = "missing_scope"
     PERSON_ONLY = "person_only"
+    API_KEY_REQUIRED = "api_key_required"
     PERMISSION_DENIED = "permission_denied"
     NOT_FOUND = "not_found"
     INVALID_REQUEST = "invalid_request"
@@ -96,7 +97,8 @@ def _code_for(exc: exceptions.APIException) -> str:
         return detail_code if detail_code in _AUTH_FAILED_CODES else ErrorCode.INVALID_API_KEY
     if isinstance(exc, exceptions.PermissionDenied):
         detail_code = exc.get_codes() if isinstance(exc.detail, str) else None
-        return detail_code if detail_code in {ErrorCode.MISSING_SCOPE, ErrorCode.PERSON_ONLY} else (
+        return detail_code if detail_code in {ErrorCode.MISSING_SCOPE, ErrorCode.PERSON_ONLY,
+                                                         ErrorCode.API_KEY_REQUIRED} else (
             ErrorCode.PERMISSION_DENIED
         )
     if isinstance(exc, exceptions.NotFound):

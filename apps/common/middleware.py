@@ -1,7 +1,14 @@
-from asgiref.sync import iscoroutinefunction
-from django.utils.decorators import sync_and_async_middleware
+import logging
 
+from asgiref.sync import iscoroutinefunction
+from django.db import InterfaceError, OperationalError
+from django.utils.decorators import sync_and_async_middleware
+from django.utils.deprecation import MiddlewareMixin
+
+from .errors import unavailable_response
 from .request_context import new_request_id, reset_request_id, set_request_id
+
+logger = logging.getLogger(__name__)
 
 
 @sync_and_async_middleware
@@ -33,3 +40,14 @@ def RequestIdMiddleware(get_response):  # noqa: N802 - Django middleware naming
             return response
 
     return middleware
+
+
+class DatabaseUnavailableMiddleware(MiddlewareMixin):
+    """Outside the API (the admin, pages), a database that cannot be reached is 503 + Retry-After too,
+    never a 500: the fault is transient and a retry will do. (API views answer this in errors.py.)"""
+
+    def process_exception(self, request, exception):
+        if isinstance(exception, (OperationalError, InterfaceError)):
+            logger.warning("database unavailable on %s: %s", request.path, exception)
+            return unavailable_response()
+        return None

@@ -1,0 +1,275 @@
+"""Shapes of the run log API.
+
+Writes are validated by ``records.py`` (it names the exact field at fault and runs for every span);
+the ``*In`` serializers here only describe those bodies in the OpenAPI schema. Reads use the output
+serializers below.
+"""
+from __future__ import annotations
+
+import json
+
+from rest_framework import serializers
+
+from .models import Run, SpanKind, SpanStatus
+from .records import MAX_SPANS_PER_REQUEST
+from .selectors import run_usage
+
+# --- request bodies (schema only) ------------------------------------------------------------------
+
+
+class AgentIn(serializers.Serializer):
+    name = serializers.CharField(max_length=200)
+    version = serializers.CharField(max_length=100, required=False)
+
+
+class RunStartIn(serializers.Serializer):
+    run_id = serializers.CharField(required=False, max_length=128, help_text="Your own id; assigned if absent.")
+    agent = AgentIn(required=False, help_text="An object, or just the agent's name as a string.")
+    input = serializers.JSONField(required=False)
+    end_user = serializers.CharField(required=False, max_length=256, help_text="Who asked for this run.")
+    session_id = serializers.CharField(required=False, max_length=256)
+    parent_run_id = serializers.CharField(required=False, max_length=128, help_text="For a sub-agent's run.")
+    metadata = serializers.DictField(required=False)
+    status = serializers.ChoiceField(choices=["pending", "running"], required=False, default="running")
+    started_at = serializers.DateTimeField(required=False, help_text="RFC 3339 with offset; default: now.")
+
+
+class UsageIn(serializers.Serializer):
+    input_tokens = serializers.IntegerField(min_value=0, required=False)
+    output_tokens = serializers.IntegerField(min_value=0, required=False)
+    cache_read_tokens = serializers.IntegerField(min_value=0, required=False)
+    cache_write_tokens = serializers.IntegerField(min_value=0, required=False)
+    reasoning_tokens = serializers.IntegerField(min_value=0, required=False)
+
+
+class StreamIn(serializers.Serializer):
+    chunks = serializers.IntegerField(min_value=0, required=False)
+    output_tokens_per_second = serializers.FloatField(min_value=0, required=False)
+
+
+class ToolIn(serializers.Serializer):
+    name = serializers.CharField(max_length=200)
+    call_id = serializers.CharField(max_length=200, required=False)
+    arguments = serializers.JSONField(required=False)
+    result = serializers.JSONField(required=False)
+    error = serializers.CharField(required=False)
+
+
+class EventIn(serializers.Serializer):
+    name = serializers.CharField()
+    time = serializers.DateTimeField(required=False)
+    attributes = serializers.DictField(required=False)
+
+
+class SpanIn(serializers.Serializer):
+    """One span. Send an object, a list of them, or ``{"spans": [...]}`` (at most
+    %d per request)."""
+
+    span_id = serializers.CharField(required=False, max_length=64, help_text="Your own id; assigned if absent.")
+    parent_span_id = serializers.CharField(required=False, max_length=64)
+    kind = serializers.ChoiceField(choices=SpanKind.choices, required=False,
+                                   help_text="Inferred when absent (tool, llm, step or other).")
+    name = serializers.CharField(required=False, max_length=500)
+    start_time = serializers.DateTimeField(required=False, help_text="RFC 3339 with offset; default: now.")
+    end_time = serializers.DateTimeField(required=False, help_text="Leave out to open the span; PATCH closes it.")
+    status = serializers.ChoiceField(choices=SpanStatus.choices, required=False)
+    status_message = serializers.CharField(required=False)
+    error_code = serializers.CharField(required=False, max_length=100)
+    retry_of = serializers.CharField(required=False, max_length=64, help_text="The span this one retries.")
+    fallback_of = serializers.CharField(required=False, max_length=64, help_text="The span this one replaces.")
+    attributes = serializers.DictField(required=False, help_text="Free map, kept verbatim.")
+    events = EventIn(many=True, required=False)
+    component = serializers.CharField(required=False, max_length=200)
+    action = serializers.CharField(required=False, max_length=200)
+    details = serializers.JSONField(required=False)
+    provider = serializers.CharField(required=False, max_length=100)
+    model = serializers.CharField(required=False, max_length=200)
+    response_model = serializers.CharField(required=False, max_length=200)
+    endpoint = serializers.CharField(required=False, max_length=500)
+    usage = UsageIn(required=False)
+    time_to_first_token_ms = serializers.FloatField(required=False, min_value=0)
+    stream = StreamIn(required=False)
+    input_messages = serializers.JSONField(required=False)
+    output_messages = serializers.JSONField(required=False)
+    tool = ToolIn(required=False)
+
+
+SpanIn.__doc__ = SpanIn.__doc__ % MAX_SPANS_PER_REQUEST
+
+
+class RunFinishIn(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["completed", "failed", "cancelled"], required=False,
+                                     default="completed")
+    output = serializers.JSONField(required=False)
+    error_code = serializers.CharField(required=False, max_length=100)
+    error_details = serializers.DictField(required=False)
+    failing_span_id = serializers.CharField(required=False, max_length=64)
+    ended_at = serializers.DateTimeField(required=False)
+
+
+# --- answers to writes ----------------------------------------------------------------------------
+
+
+class RunAcceptedOut(serializers.Serializer):
+    run_id = serializers.CharField()
+    trace_id = serializers.CharField()
+    batch_id = serializers.IntegerField(help_text="The durable inbox batch holding this write.")
+
+
+class SpansAcceptedOut(serializers.Serializer):
+    run_id = serializers.CharField()
+    span_ids = serializers.ListField(child=serializers.CharField())
+    batch_id = serializers.IntegerField()
+
+
+class SpanUpdateAcceptedOut(serializers.Serializer):
+    run_id = serializers.CharField()
+    span_id = serializers.CharField()
+    batch_id = serializers.IntegerField()
+
+
+class RunFinishAcceptedOut(serializers.Serializer):
+    run_id = serializers.CharField()
+    status = serializers.CharField()
+    batch_id = serializers.IntegerField()
+
+
+# --- reads ------------------------------------------------------------------------------------------
+
+
+class RunFilterSerializer(serializers.Serializer):
+    """Query parameters of GET /runs."""
+
+    project = serializers.SlugField(required=False, help_text="A project slug (people who see several).")
+    status = serializers.CharField(required=False, help_text="One status or several, comma-separated.")
+    agent = serializers.CharField(required=False, max_length=200)
+    end_user = serializers.CharField(required=False, max_length=256)
+    session_id = serializers.CharField(required=False, max_length=256)
+    model = serializers.CharField(required=False, max_length=200, help_text="Requested or responding model.")
+    provider = serializers.CharField(required=False, max_length=100)
+    started_after = serializers.DateTimeField(required=False)
+    started_before = serializers.DateTimeField(required=False)
+    has_error = serializers.BooleanField(required=False, allow_null=True, default=None,
+                                         help_text="Failed, or holding an error span.")
+    q = serializers.CharField(required=False, max_length=200, help_text="Text in the run's input.")
+
+    def validate_status(self, value: str) -> list[str]:
+        statuses = [s.strip() for s in value.split(",") if s.strip()]
+        unknown = [s for s in statuses if s not in Run.Status.values]
+        if unknown:
+            raise serializers.ValidationError(f"unknown status {unknown[0]!r}; one of {', '.join(Run.Status.values)}.")
+        return statuses
+
+
+class UsageOut(serializers.Serializer):
+    input_tokens = serializers.IntegerField()
+    output_tokens = serializers.IntegerField()
+    cache_read_tokens = serializers.IntegerField()
+    cache_write_tokens = serializers.IntegerField()
+    reasoning_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+
+
+class RunOut(serializers.Serializer):
+    """A run in a list: everything but its full input, output and spans."""
+
+    id = serializers.CharField(source="run_id")
+    project = serializers.CharField(source="project.slug")
+    trace_id = serializers.CharField()
+    agent = serializers.SerializerMethodField()
+    end_user = serializers.CharField()
+    session_id = serializers.CharField()
+    parent_run_id = serializers.CharField(source="parent_run_ref")
+    status = serializers.ChoiceField(choices=Run.Status.choices)
+    started_at = serializers.DateTimeField()
+    ended_at = serializers.DateTimeField(allow_null=True)
+    duration_ms = serializers.FloatField(allow_null=True)
+    input_preview = serializers.SerializerMethodField()
+    models_used = serializers.ListField(child=serializers.CharField())
+    providers_used = serializers.ListField(child=serializers.CharField())
+    usage = serializers.SerializerMethodField()
+    cost_usd = serializers.DecimalField(max_digits=18, decimal_places=8, allow_null=True)
+    error_code = serializers.CharField()
+    failing_span_id = serializers.CharField()
+    span_count = serializers.IntegerField()
+    error_span_count = serializers.IntegerField()
+    last_span_at = serializers.DateTimeField(allow_null=True)
+
+    def get_agent(self, run) -> AgentIn:
+        return {"name": run.agent_name, "version": run.agent_version}
+
+    def get_input_preview(self, run) -> str:
+        if run.input is None:
+            return ""
+        text = run.input if isinstance(run.input, str) else json.dumps(run.input, ensure_ascii=False)
+        return text[:200]
+
+    def get_usage(self, run) -> UsageOut:
+        return run_usage(run)
+
+
+class ToolCallOut(serializers.Serializer):
+    span_id = serializers.CharField()
+    name = serializers.CharField()
+    call_id = serializers.CharField()
+    arguments = serializers.JSONField()
+    result = serializers.JSONField()
+    status = serializers.CharField()
+    latency_ms = serializers.FloatField(allow_null=True)
+    error = serializers.CharField()
+    started_at = serializers.DateTimeField()
+
+
+class RecoveryOut(serializers.Serializer):
+    span_id = serializers.CharField()
+    via = serializers.ChoiceField(choices=["retry", "fallback"])
+    status = serializers.CharField(required=False)
+    error_code = serializers.CharField(required=False)
+    status_message = serializers.CharField(required=False)
+
+
+class SpanOut(serializers.Serializer):
+    """A span as it stands now (its late updates merged), in tree order."""
+
+    span_id = serializers.CharField()
+    parent_span_id = serializers.CharField(allow_null=True)
+    depth = serializers.IntegerField()
+    children = serializers.ListField(child=serializers.CharField())
+    kind = serializers.ChoiceField(choices=SpanKind.choices)
+    name = serializers.CharField()
+    start_time = serializers.DateTimeField()
+    end_time = serializers.DateTimeField(allow_null=True)
+    duration_ms = serializers.FloatField(allow_null=True)
+    status = serializers.ChoiceField(choices=SpanStatus.choices)
+    status_message = serializers.CharField()
+    error_code = serializers.CharField()
+    retry_of = serializers.CharField(allow_null=True)
+    fallback_of = serializers.CharField(allow_null=True)
+    recovers = RecoveryOut(required=False, help_text="The failed span this retry/fallback answers, and its error.")
+    recovered_by = RecoveryOut(required=False)
+    component = serializers.CharField()
+    action = serializers.CharField()
+    details = serializers.JSONField(allow_null=True)
+    provider = serializers.CharField()
+    model = serializers.CharField()
+    response_model = serializers.CharField()
+    endpoint = serializers.CharField()
+    usage = UsageIn(allow_null=True)
+    time_to_first_token_ms = serializers.FloatField(allow_null=True)
+    stream = StreamIn(allow_null=True)
+    input_messages = serializers.JSONField(allow_null=True)
+    output_messages = serializers.JSONField(allow_null=True)
+    tool = ToolIn(allow_null=True)
+    attributes = serializers.DictField()
+    events = EventIn(many=True)
+    updated = serializers.BooleanField(help_text="True when a late update changed this span.")
+
+
+class RunDetailOut(RunOut):
+    input = serializers.JSONField()
+    output = serializers.JSONField()
+    metadata = serializers.DictField()
+    error_details = serializers.JSONField()
+    child_run_ids = serializers.ListField(child=serializers.CharField())
+    spans = SpanOut(many=True)
+    tool_calls = ToolCallOut(many=True)

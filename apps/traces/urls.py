@@ -1,0 +1,12 @@
+from django.urls import path
+
+from . import api
+
+urlpatterns = [
+    path("runs", api.RunListView.as_view(), name="run-list"),
+    path("runs/<str:run_id>", api.RunDetailView.as_view(), name="run-detail"),
+    path("runs/<str:run_id>/spans", api.RunSpansView.as_view(), name="run-spans"),
+    path("runs/<str:run_id>/spans/<str:span_id>", api.SpanUpdateView.as_view(), name="span-update"),
+    path("runs/<str:run_id>/finish", api.RunFinishView.as_view(), name="run-finish"),
+    path("sessions/<str:session_id>/runs", api.SessionRunsView.as_view(), name="session-runs"),
+]
