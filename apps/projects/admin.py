@@ -18,6 +18,28 @@ class ScopedAdminMixin:
         return qs.filter(**{f"{self.project_field}__in": visible})
 
 
+class VisibleProjectFilter(admin.SimpleListFilter):
+    """Filter by project, offering only the projects the viewer may see (the stock related-field
+    filter would list every project's name)."""
+
+    title = "project"
+    parameter_name = "project"
+
+    def __init__(self, request, params, model, model_admin):
+        self.project_field = getattr(model_admin, "project_field", "project")
+        super().__init__(request, params, model, model_admin)
+
+    def lookups(self, request, model_admin):
+        return [(str(p.pk), p.slug) for p in Project.objects.visible_to(request.user).order_by("slug")]
+
+    def queryset(self, request, queryset):
+        if self.value():
+            if not self.value().isdigit():
+                return queryset.none()
+            return queryset.filter(**{f"{self.project_field}_id": int(self.value())})
+        return queryset
+
+
 class ProjectRoleInline(admin.TabularInline):
     model = ProjectRole
     fields = ("role", "group")
@@ -66,7 +88,7 @@ class ApiKeyStatusFilter(admin.SimpleListFilter):
 class ApiKeyAdmin(ScopedAdminMixin, admin.ModelAdmin):
     list_display = ("name", "project", "display_prefix", "scopes", "created_at", "last_used_at", "expires_at",
                     "revoked_at")
-    list_filter = (ApiKeyStatusFilter, "project")
+    list_filter = (ApiKeyStatusFilter, VisibleProjectFilter)
     list_select_related = ("project",)
     search_fields = ("name", "lookup")
     actions = ["revoke_keys"]

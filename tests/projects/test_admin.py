@@ -65,7 +65,7 @@ def test_staff_auditor_sees_only_their_projects_rows(project, other_project, cli
     bob.user_permissions.add(*Permission.objects.filter(codename__in=["view_apikey", "view_auditevent"]))
     client.force_login(bob)
     keys = client.get("/admin/projects/apikey/").content.decode()
-    assert "visible-here" in keys and "secret-elsewhere" not in keys
+    assert "visible-here" in keys and "secret-elsewhere" not in keys and "globex" not in keys
     audit = client.get("/admin/audit/auditevent/").content.decode()
     assert "globex" not in audit and "acme" in audit
     assert ApiKey.objects.count() == 2
