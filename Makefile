@@ -31,6 +31,10 @@ worker: $(STAMP)
 beat: $(STAMP)
 	exec $(VENV)/bin/celery -A controlplane beat -l INFO -s $${DATA_DIR:-var}/celerybeat-schedule
 
+## Realistic agent traffic through the REST API into project "demo" (DEMO_ARGS="--url http://127.0.0.1:8000" to send to a running server).
+demo: migrate
+	$(PY) manage.py demo $(DEMO_ARGS)
+
 test: $(STAMP)
 	$(PY) -m pytest --create-db $(PYTEST_ARGS)
 
