@@ -13,6 +13,9 @@ therefore never counts anything twice.
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import threading
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -104,8 +107,55 @@ def batch_accept(*, project, api_key, source: str, response: dict, records: list
     return {**batch.response, "batch_id": batch.pk}, False
 
 
+class _Enqueuer:
+    """One long-lived thread per process sends the projection tasks.
+
+    A request never waits on the broker (an unreachable one would cost it the connection timeout),
+    and Celery's per-thread result backend is built once rather than in every request thread (that
+    was a quarter of the web process's CPU under load). Ids waiting together go out as one task: a
+    task leases up to TRACES_PROJECT_BATCH_LIMIT batches, its own first. An id lost here (the process
+    exits first, the broker is down) costs promptness only: the batch is durable and the sweeper
+    projects it.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def put(self, batch_id: int) -> None:
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                    if self._pid != os.getpid():  # forked: the parent's thread and queue are not ours
+                        self._queue = queue.SimpleQueue()
+                    self._pid = os.getpid()
+                    self._thread = threading.Thread(target=self._run, name="traces-enqueuer", daemon=True)
+                    self._thread.start()
+        self._queue.put(batch_id)
+
+    def _run(self) -> None:
+        limit = getattr(settings, "TRACES_PROJECT_BATCH_LIMIT", 20)
+        while True:
+            ids = [self._queue.get()]
+            try:
+                while len(ids) < limit:
+                    ids.append(self._queue.get_nowait())
+            except queue.Empty:
+                pass
+            _send_projection(ids[0])
+
+
+_enqueuer = _Enqueuer()
+
+
 def _enqueue(batch_id: int) -> None:
-    """Ask a worker to project now. If the broker is down the sweeper picks the batch up later."""
+    """Ask a worker to project now (asynchronously; see _Enqueuer)."""
+    _enqueuer.put(batch_id)
+
+
+def _send_projection(batch_id: int) -> None:
     from .tasks import inbox_project as inbox_project_task
 
     try:
@@ -438,13 +488,27 @@ def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: _Cha
         run.updated_at = now
         changes.runs[run.pk] = run
     if dirty:
-        Run.objects.bulk_update([runs[r] for r in dirty], _RUN_FIELDS)
+        _save_runs([runs[r] for r in dirty])
 
 
 _RUN_FIELDS = ["agent_name", "agent_version", "end_user", "api_key", "session_id", "parent_run", "parent_run_ref",
                "status", "start_received", "started_at", "ended_at", "duration_ms", "input", "output", "metadata",
                "models_used", "providers_used", *TOKEN_FIELDS, "error_code", "error_details", "failing_span_id",
                "span_count", "error_span_count", "last_span_at", "updated_at"]
+
+
+def _save_runs(runs: list[Run]) -> None:
+    """UPDATE each run's derived fields in one pipelined executemany. (``bulk_update`` builds a CASE per
+    field and row; profiling showed it as a third of the projection's CPU.) Values are prepared by the
+    model fields themselves, so JSON and foreign keys adapt as in any save."""
+    fields = [Run._meta.get_field(name) for name in _RUN_FIELDS]
+    quote = connection.ops.quote_name
+    sql = (f"UPDATE {quote(Run._meta.db_table)} SET "
+           + ", ".join(f"{quote(f.column)} = %s" for f in fields) + f" WHERE {quote('id')} = %s")
+    rows = [[f.get_db_prep_save(getattr(run, f.attname), connection) for f in fields] + [run.pk]
+            for run in sorted(runs, key=lambda r: r.pk)]
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, rows)
 
 
 def _failing_span(run: Run) -> str:
