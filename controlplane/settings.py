@@ -105,6 +105,9 @@ else:
     # The pool hands out only connections that pass a check, and a request waits at most
     # DATABASE_POOL_TIMEOUT seconds for one: with the database gone, the API answers 503 quickly.
     _db["CONN_HEALTH_CHECKS"] = True
+    # Parameters travel beside the SQL instead of being quoted into it by the client (bulk span
+    # inserts spent a third of the projection quoting arrays); see bench/RESULTS.md.
+    _db["OPTIONS"]["server_side_binding"] = env_bool("DATABASE_SERVER_SIDE_BINDING", True)
     if env_bool("DATABASE_POOL", True):
         _db["OPTIONS"]["pool"] = {"min_size": 1, "max_size": env_int("DATABASE_POOL_MAX", 10, minimum=1),
                                   "timeout": env_int("DATABASE_POOL_TIMEOUT", 5, minimum=1)}
