@@ -18,7 +18,7 @@ trap cleanup EXIT
 if [ "$mode" = pg ]; then
   db=controlplane_bench
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
-  export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/3}
+  export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db REDIS_URL=${BENCH_REDIS_URL:-redis://127.0.0.1:6379/15}  # flushed below
   redis-cli -u "$REDIS_URL" flushdb >/dev/null
   make -s migrate
   setsid make -s web > "$out/$mode-$stamp-web.log" 2>&1 & pids+=($!)

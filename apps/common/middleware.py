@@ -46,10 +46,11 @@ class DatabaseUnavailableMiddleware(MiddlewareMixin):
     """Outside the API (the admin, pages), a database that cannot be reached is 503 + Retry-After too,
     never a 500: the fault is transient and a retry will do. (API views answer this in errors.py.)
 
-    It is deliberately sync-only and last in MIDDLEWARE: Django then runs the whole middleware chain
-    and the (sync) view in one worker thread per request, instead of hopping between the event loop
-    and a thread for every process_request/process_response of every middleware (measured: that
-    hopping was most of the web process's CPU under ingest load).
+    It is deliberately sync-only and last in MIDDLEWARE: Django then runs every other middleware in
+    sync mode on one worker thread per request, instead of hopping between the event loop and a
+    thread for each of their process_request/process_response hooks. The view is still reached
+    through Django's async core (a couple of switches, not a dozen). Measured in bench/RESULTS.md:
+    accepted spans/s 1,262 -> 1,579.
     """
 
     sync_capable = True

@@ -1,8 +1,9 @@
+import sys
 import time
 import uuid
 
 from django.core.cache import cache
-from django.db import connection
+from django.db import InterfaceError, OperationalError, connection
 from django.http import JsonResponse
 from django.views.defaults import page_not_found
 from django.views.defaults import server_error as html_server_error
@@ -45,6 +46,10 @@ def not_found(request, exception=None):
 
 
 def server_error(request):
+    # A database fault that escaped every handler (say, in a middleware's response hook) is
+    # still transient: 503 + Retry-After, not 500.
+    if isinstance(sys.exc_info()[1], (OperationalError, InterfaceError)):
+        return unavailable_response()
     if request.path.startswith(_API_PREFIXES):
         return json_500(request)
     return html_server_error(request)

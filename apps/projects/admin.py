@@ -34,7 +34,7 @@ class VisibleProjectFilter(admin.SimpleListFilter):
 
     def queryset(self, request, queryset):
         if self.value():
-            if not self.value().isdigit():
+            if not (self.value().isascii() and self.value().isdigit()):
                 return queryset.none()
             return queryset.filter(**{f"{self.project_field}_id": int(self.value())})
         return queryset

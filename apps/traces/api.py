@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework.exceptions import PermissionDenied
+from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.pagination import CursorPagination
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
@@ -64,13 +65,41 @@ def _writer(request) -> None:
     require_scope(request, "ingest")
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_SUSPECT = re.compile(rb"\\u(0000|[dD][89abAB])")  # an escaped NUL, or a UTF-16 surrogate half
+
+
+def _unstorable(value: Any) -> bool:
+    """True when a string (key or value) holds NUL or a lone surrogate: JSON allows them, the
+    database's text and JSON types do not."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def _json_body(request, *, empty_ok: bool = False) -> tuple[bytes, Any]:
     try:
         raw = request.body
     except RequestDataTooBig:
         raise ApiError(ErrorCode.PAYLOAD_TOO_LARGE, "The request body is larger than the limit.",
                        status_code=413) from None
-    content_type = request.content_type or ""
+    content_type = (request.content_type or "").split(";")[0].strip().lower()
     if raw and content_type and content_type != "application/json" and not content_type.endswith("+json"):
         raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "Send JSON (Content-Type: application/json).",
                        status_code=415)
@@ -79,12 +108,18 @@ def _json_body(request, *, empty_ok: bool = False) -> tuple[bytes, Any]:
             return raw, {}
         raise ApiError(ErrorCode.INVALID_REQUEST, "The request body is empty.", details={"field": "body"})
     try:
-        return raw, json.loads(raw)
+        data = json.loads(raw, parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise ApiError(ErrorCode.PARSE_ERROR, "The body is not UTF-8 JSON.") from None
     except json.JSONDecodeError as exc:
         raise ApiError(ErrorCode.PARSE_ERROR, f"The body is not valid JSON: {exc.msg}.",
                        details={"line": exc.lineno, "column": exc.colno}) from None
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(ErrorCode.PARSE_ERROR, f"The body is not valid JSON: {exc}.") from None
+    if _SUSPECT.search(raw) and _unstorable(data):
+        raise ApiError(ErrorCode.INVALID_REQUEST, "Strings must not contain NUL (\\u0000) or unpaired surrogates.",
+                       details={"field": "body"})
+    return raw, data
 
 
 def _invalid(exc: RecordError) -> ApiError:
@@ -117,13 +152,33 @@ class RunCursor(CursorPagination):
     page_size_query_param = "limit"
     max_page_size = 500
 
+    def decode_cursor(self, request):
+        try:
+            return super().decode_cursor(request)
+        except NotFound:
+            raise ApiError(ErrorCode.INVALID_REQUEST, "The cursor is not one this API returned.",
+                           details={"field": "cursor"}) from None
+
 
 class SessionCursor(RunCursor):
     ordering = ("started_at", "id")
 
 
 def _project_param(request) -> str | None:
-    return request.query_params.get("project") or None
+    slug = request.query_params.get("project") or None
+    if slug is not None and not SLUG_RE.fullmatch(slug):
+        raise ApiError(ErrorCode.INVALID_REQUEST, "project must be a project slug.", details={"field": "project"})
+    return slug
+
+
+SLUG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def _path_id(value: str, *, max_len: int = 128) -> str:
+    """A run id from the path: one that could never have been stored is simply not found."""
+    if len(value) > max_len or not records.ID_RE.fullmatch(value):
+        raise NotFound
+    return value
 
 
 class RunListView(APIView):
@@ -162,7 +217,7 @@ class RunDetailView(APIView):
                    responses={200: RunDetailOut, **ERROR_RESPONSES})
     def get(self, request, run_id: str):
         require_scope(request, "read")
-        run = selectors.run_get(principal=request.user, run_id=run_id, project_slug=_project_param(request))
+        run = selectors.run_get(principal=request.user, run_id=_path_id(run_id), project_slug=_project_param(request))
         data = RunOut(run).data
         data.update(input=run.input, output=run.output, metadata=run.metadata, error_details=run.error_details,
                     child_run_ids=selectors.run_children(run), spans=selectors.run_spans(run),
@@ -219,6 +274,12 @@ class RunFinishView(APIView):
         return _accept(request, raw, [rec], {"run_id": run_id, "status": rec["status"]})
 
 
+def _session_id(value: str) -> str:
+    if len(value) > 256 or "\x00" in value:
+        raise NotFound
+    return value
+
+
 class SessionRunsView(APIView):
     permission_classes = [IsAuthenticated]
 
@@ -228,6 +289,6 @@ class SessionRunsView(APIView):
         require_scope(request, "read")
         paginator = SessionCursor()
         page = paginator.paginate_queryset(
-            selectors.session_runs(principal=request.user, session_id=session_id,
+            selectors.session_runs(principal=request.user, session_id=_session_id(session_id),
                                    project_slug=_project_param(request)), request, self)
         return paginator.get_paginated_response(RunOut(page, many=True).data)

@@ -7,6 +7,8 @@ projection (``services.inbox_project``); they can be rebuilt from the log (``run
 """
 from __future__ import annotations
 
+import uuid
+
 from django.db import models
 from django.db.models import Q
 
@@ -59,6 +61,8 @@ class IngestBatch(models.Model):
     project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="ingest_batches")
     api_key = models.ForeignKey("projects.ApiKey", null=True, blank=True, on_delete=models.SET_NULL,
                                 related_name="+")
+    # The id clients see (in every 202): opaque, so it tells nothing of other projects' volume.
+    public_id = models.UUIDField(default=uuid.uuid4, editable=False)
     source = models.CharField(max_length=16, choices=Source.choices)
     # The payload's format: "records" (canonical JSON records, see records.py); later ones register a decoder.
     kind = models.CharField(max_length=32, default="records")

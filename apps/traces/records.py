@@ -26,7 +26,7 @@ from django.conf import settings
 
 from .models import SpanKind, SpanStatus
 
-ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")  # used with fullmatch
 TRACE_NAMESPACE = uuid.UUID("6f1c2b9e-2a57-4c55-9a43-3c3b0e7d1a10")
 USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 KINDS = frozenset(SpanKind.values)
@@ -84,7 +84,7 @@ def _str(value: Any, field: str, *, max_len: int = 500, allow_empty: bool = True
 
 
 def _id(value: Any, field: str, *, max_len: int = 128) -> str:
-    if not isinstance(value, str) or not ID_RE.match(value) or len(value) > max_len:
+    if not isinstance(value, str) or not ID_RE.fullmatch(value) or len(value) > max_len:
         raise RecordError(field, f"must be 1-{max_len} characters of letters, digits, '.', '_', ':' or '-'.")
     return value
 
@@ -93,6 +93,11 @@ def _opt_id(value: Any, field: str, *, max_len: int = 64) -> str:
     if value in (None, ""):
         return ""
     return _id(value, field, max_len=max_len)
+
+
+# Timestamps outside these years are refused: they are mistakes (a zero value, seconds taken for
+# milliseconds), and at the edges of the calendar they overflow date arithmetic.
+MIN_YEAR, MAX_YEAR = 1970, 2999
 
 
 def _time(value: Any, field: str) -> str:
@@ -104,7 +109,13 @@ def _time(value: Any, field: str) -> str:
         raise RecordError(field, "must be an RFC 3339 timestamp (e.g. 2026-01-02T03:04:05.678Z).") from None
     if parsed.tzinfo is None:
         raise RecordError(field, "must carry a time zone offset (e.g. Z or +02:00).")
-    return parsed.astimezone(UTC).isoformat()
+    try:
+        parsed = parsed.astimezone(UTC)
+    except OverflowError:
+        parsed = None
+    if parsed is None or not MIN_YEAR <= parsed.year <= MAX_YEAR:
+        raise RecordError(field, f"must fall between the years {MIN_YEAR} and {MAX_YEAR}.")
+    return parsed.isoformat()
 
 
 def _count(value: Any, field: str) -> int | None:
@@ -324,7 +335,9 @@ def span_update_record(run_id: str, span_id: str, data: Any, *, received_at: str
 
 def spans_records(run_id: str, data: Any, *, received_at: str) -> list[dict]:
     """One span object or a list of them (``{"spans": [...]}`` is accepted too)."""
-    if isinstance(data, dict) and isinstance(data.get("spans"), list):
+    if isinstance(data, dict) and "spans" in data:
+        if not isinstance(data["spans"], list):
+            raise RecordError("spans", "must be a list of span objects.")
         data = data["spans"]
     if isinstance(data, list):
         if not data:

@@ -113,25 +113,25 @@ class RunFinishIn(serializers.Serializer):
 class RunAcceptedOut(serializers.Serializer):
     run_id = serializers.CharField()
     trace_id = serializers.CharField()
-    batch_id = serializers.IntegerField(help_text="The durable inbox batch holding this write.")
+    batch_id = serializers.UUIDField(help_text="The durable inbox batch holding this write.")
 
 
 class SpansAcceptedOut(serializers.Serializer):
     run_id = serializers.CharField()
     span_ids = serializers.ListField(child=serializers.CharField())
-    batch_id = serializers.IntegerField()
+    batch_id = serializers.UUIDField()
 
 
 class SpanUpdateAcceptedOut(serializers.Serializer):
     run_id = serializers.CharField()
     span_id = serializers.CharField()
-    batch_id = serializers.IntegerField()
+    batch_id = serializers.UUIDField()
 
 
 class RunFinishAcceptedOut(serializers.Serializer):
     run_id = serializers.CharField()
     status = serializers.CharField()
-    batch_id = serializers.IntegerField()
+    batch_id = serializers.UUIDField()
 
 
 # --- reads ------------------------------------------------------------------------------------------

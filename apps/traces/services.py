@@ -74,8 +74,8 @@ def _replay(existing: IngestBatch, request_hash: str) -> dict:
     if existing.request_hash != request_hash:
         raise ApiError(ErrorCode.IDEMPOTENCY_CONFLICT,
                        "This Idempotency-Key was already used with a different request.", status_code=409,
-                       details={"batch_id": existing.pk})
-    return {**(existing.response or {}), "batch_id": existing.pk}
+                       details={"batch_id": str(existing.public_id)})
+    return {**(existing.response or {}), "batch_id": str(existing.public_id)}
 
 
 def batch_accept(*, project, api_key, source: str, response: dict, records: list[dict] | None = None,
@@ -104,7 +104,7 @@ def batch_accept(*, project, api_key, source: str, response: dict, records: list
             existing = IngestBatch.objects.get(project=project, idempotency_key=idempotency_key)
             return _replay(existing, request_hash), True
         transaction.on_commit(lambda: _enqueue(batch.pk), robust=True)
-    return {**batch.response, "batch_id": batch.pk}, False
+    return {**batch.response, "batch_id": str(batch.public_id)}, False
 
 
 class _Enqueuer:
@@ -112,39 +112,44 @@ class _Enqueuer:
 
     A request never waits on the broker (an unreachable one would cost it the connection timeout),
     and Celery's per-thread result backend is built once rather than in every request thread (that
-    was a quarter of the web process's CPU under load). Ids waiting together go out as one task: a
-    task leases up to TRACES_PROJECT_BATCH_LIMIT batches, its own first. An id lost here (the process
+    was a quarter of the web process's CPU under load). Ids waiting together go out as one task per
+    TRACES_PROJECT_BATCH_LIMIT of them: a task leases up to that many batches, its own first. An id lost here (the process
     exits first, the broker is down) costs promptness only: the batch is durable and the sweeper
     projects it.
     """
 
     def __init__(self) -> None:
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)  # a child starts with no thread and a free lock
+
+    def _reset(self) -> None:
         self._queue: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._pid = 0
 
     def put(self, batch_id: int) -> None:
-        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+        if self._thread is None or not self._thread.is_alive():
             with self._lock:
-                if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                    if self._pid != os.getpid():  # forked: the parent's thread and queue are not ours
-                        self._queue = queue.SimpleQueue()
-                    self._pid = os.getpid()
+                if self._thread is None or not self._thread.is_alive():
                     self._thread = threading.Thread(target=self._run, name="traces-enqueuer", daemon=True)
                     self._thread.start()
         self._queue.put(batch_id)
 
     def _run(self) -> None:
-        limit = getattr(settings, "TRACES_PROJECT_BATCH_LIMIT", 20)
         while True:
             ids = [self._queue.get()]
             try:
-                while len(ids) < limit:
+                while True:
                     ids.append(self._queue.get_nowait())
             except queue.Empty:
                 pass
-            _send_projection(ids[0])
+            # One task per TRACES_PROJECT_BATCH_LIMIT ids waiting; if the broker refuses one, the
+            # rest wait for the sweeper rather than each waiting out the connection timeout.
+            limit = getattr(settings, "TRACES_PROJECT_BATCH_LIMIT", 20)
+            for first in ids[::limit]:
+                if not _send_projection(first):
+                    break
 
 
 _enqueuer = _Enqueuer()
@@ -155,13 +160,15 @@ def _enqueue(batch_id: int) -> None:
     _enqueuer.put(batch_id)
 
 
-def _send_projection(batch_id: int) -> None:
+def _send_projection(batch_id: int) -> bool:
     from .tasks import inbox_project as inbox_project_task
 
     try:
         inbox_project_task.apply_async(kwargs={"batch_id": batch_id}, retry=False)
     except Exception as exc:  # noqa: BLE001 - the batch is durable; only its promptness suffers
         logger.warning("could not enqueue projection of batch %s (the sweeper will): %r", batch_id, exc)
+        return False
+    return True
 
 
 # --- the effective span: a stored span merged with its late updates --------------------------------

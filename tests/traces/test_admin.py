@@ -4,8 +4,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
@@ -26,6 +28,14 @@ def post(client, url, body):
     return client.post(url, data=json.dumps(body), content_type="application/json")
 
 
+def csv_rows(resp) -> list[dict]:
+    """Read a streamed export the way the ASGI server does (its rows come from an async iterator)."""
+    async def collect():
+        return b"".join([chunk async for chunk in resp.streaming_content])
+
+    return list(csv.DictReader(io.StringIO(async_to_sync(collect)().decode())))
+
+
 @pytest.fixture
 def traffic(project, other_project, make_key, key_client):
     ours, theirs = key_client(make_key(project)[1]), key_client(make_key(other_project)[1])
@@ -36,7 +46,8 @@ def traffic(project, other_project, make_key, key_client):
         {"span_id": "tool-a", "kind": "tool", "tool": {"name": "lookup", "arguments": {"q": 1}}, "start_time": at(3),
          "end_time": at(4), "status": "ok"}])
     post(ours, "/api/v1/runs/ok-run/finish", {"status": "completed"})
-    post(ours, "/api/v1/runs", {"run_id": "bad-run", "agent": "=HYPERLINK(\"http://evil\")", "started_at": at(10)})
+    post(ours, "/api/v1/runs", {"run_id": "bad-run", "agent": "=HYPERLINK(\"http://evil\")", "started_at": at(10),
+                                "end_user": "+cmd|' /C calc'!A0", "session_id": "@SUM(1+1)"})
     post(ours, "/api/v1/runs/bad-run/finish", {"status": "failed", "error_code": "boom"})
     post(theirs, "/api/v1/runs", {"run_id": "globex-secret-run", "agent": "their-bot", "started_at": at(5)})
     post(theirs, "/api/v1/runs/globex-secret-run/spans", {"span_id": "their-span", "kind": "llm", "start_time": at(5)})
@@ -61,13 +72,26 @@ def test_every_run_log_admin_lists_filters_and_searches(client, root, traffic):
         assert resp.status_code == 200, url
         assert expect in resp.content.decode(), url
     assert "bad-run" not in client.get("/admin/traces/run/?status__exact=completed").content.decode()
+    for odd in ("%C2%B2", "x", "99999"):  # a superscript two is a digit to str.isdigit, not to int()
+        assert client.get(f"/admin/traces/run/?project={odd}").status_code == 200
     run = Run.objects.get(run_id="ok-run")
     page = client.get(f"/admin/traces/run/{run.pk}/change/").content.decode()
     assert "2 spans (0 errors)" in page and "support-bot" in page
 
 
-def test_the_date_hierarchy_lists_periods_without_scanning_for_distinct_dates(client, root, traffic):
+def test_the_date_hierarchy_lists_periods_without_scanning_for_distinct_dates(client, root, traffic, project,
+                                                                            make_key, key_client):
     client.force_login(root)
+    agent = key_client(make_key(project)[1])
+    post(agent, "/api/v1/runs", {"run_id": "far-future", "started_at": "2999-12-31T23:59:59Z"})
+    post(agent, "/api/v1/runs", {"run_id": "epoch", "started_at": "1970-01-01T00:00:00Z"})
+    drain()
+    top = client.get("/admin/traces/run/")
+    assert top.status_code == 200
+    years = set(re.findall(r"started_at__year=(\d+)", top.content.decode()))
+    assert years == {"1970", "2026", "2999"}  # only the years that hold runs
+    for url in ("/admin/traces/run/?started_at__year=2999", "/admin/traces/run/?started_at__year=2999&started_at__month=12"):
+        assert "far-future" in client.get(url).content.decode()
     with CaptureQueriesContext(connection) as queries:
         page = client.get("/admin/traces/span/?start_time__year=2026").content.decode()
     assert "November 2026" in page
@@ -102,15 +126,16 @@ def test_csv_export_of_a_filtered_list_is_audited_and_safe_for_spreadsheets(clie
     client.force_login(root)
     resp = client.get("/admin/traces/run/export.csv?status__exact=failed")
     assert resp.status_code == 200 and resp["Content-Type"].startswith("text/csv")
-    rows = list(csv.DictReader(io.StringIO(b"".join(resp.streaming_content).decode())))
+    rows = csv_rows(resp)
     assert [r["run_id"] for r in rows] == ["bad-run"]
-    assert rows[0]["agent_name"].startswith("'=")  # a formula would run in a spreadsheet
+    # A formula would run in a spreadsheet: every such cell is neutralised.
+    assert rows[0]["agent_name"].startswith("'=") and rows[0]["end_user"].startswith("'+")
+    assert rows[0]["session_id"].startswith("'@")
     assert rows[0]["error_code"] == "boom"
     event = AuditEvent.objects.get(action="traces.exported")
     assert event.actor_repr == "root" and "status__exact=failed" in json.dumps(event.after)
 
-    spans = list(csv.DictReader(io.StringIO(b"".join(
-        client.get("/admin/traces/span/export.csv?kind__exact=llm").streaming_content).decode())))
+    spans = csv_rows(client.get("/admin/traces/span/export.csv?kind__exact=llm"))
     assert {s["span_id"] for s in spans} == {"llm-a", "their-span"}
     assert client.get("/admin/traces/run/export.csv?nonsense=1").status_code == 400
 
@@ -119,14 +144,17 @@ def test_an_auditor_sees_only_their_projects_rows(client, bob, charlie, traffic)
     bob.is_staff = True  # auditor of acme; no model permissions granted by hand
     bob.save()
     client.force_login(bob)
+    ours_batch = str(IngestBatch.objects.filter(project__slug="acme").first().public_id)
+    their_batch = str(IngestBatch.objects.filter(project__slug="globex").first().public_id)
     for url, ours, theirs in [("/admin/traces/run/", "ok-run", "globex-secret-run"),
                               ("/admin/traces/span/", "llm-a", "their-span"),
-                              ("/admin/traces/ingestbatch/", "acme", "globex")]:
+                              ("/admin/traces/ingestbatch/", ours_batch, their_batch),
+                              ("/admin/traces/toolcall/", "lookup", "globex")]:
         page = client.get(url)
         assert page.status_code == 200
         assert ours in page.content.decode() and theirs not in page.content.decode(), url
-    export = b"".join(client.get("/admin/traces/run/export.csv").streaming_content).decode()
-    assert "ok-run" in export and "globex-secret-run" not in export
+    export = {r["run_id"] for r in csv_rows(client.get("/admin/traces/run/export.csv"))}
+    assert export == {"ok-run", "bad-run"}
     theirs = Run.objects.get(run_id="globex-secret-run")
     assert client.get(f"/admin/traces/run/{theirs.pk}/change/").status_code in (302, 404)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 from django.core.management import call_command
@@ -191,12 +192,49 @@ def test_a_failed_run_names_its_failing_span(agent):
     ("/api/v1/runs", {"input": "x" * (10 * 1024 * 1024)}, "input"),
     ("/api/v1/runs", {"run_id": "has space"}, "run_id"),
     ("/api/v1/runs/r1/finish", {"status": "done"}, "status"),
+    ("/api/v1/runs", [1, 2], "body"),
+    ("/api/v1/runs/r1/spans", {"spans": 1}, "spans"),
+    ("/api/v1/runs/r1/spans", [7], "spans[0]"),
+    ("/api/v1/runs", {"run_id": "abc\n"}, "run_id"),
+    ("/api/v1/runs", {"started_at": "0001-01-01T00:00:00+01:00"}, "started_at"),
+    ("/api/v1/runs", {"started_at": "9999-12-31T00:00:00Z"}, "started_at"),
+    ("/api/v1/runs", {"metadata": {"k": "nul\u0000byte"}}, "body"),
+    ("/api/v1/runs", {"input": {"text": "half a surrogate \ud800"}}, "body"),
 ])
 def test_bad_input_is_refused_with_the_field_at_fault_and_nothing_stored(agent, url, body, field):
     r = post(agent, url, body)
     assert r.status_code == 400, r.json()
     assert r.json()["error_code"] == "invalid_request" and r.json()["details"]["field"] == field
     assert IngestBatch.objects.count() == 0
+
+
+def test_nan_and_infinity_are_not_json(agent):
+    for literal in (b"NaN", b"Infinity", b"-Infinity"):
+        r = agent.post("/api/v1/runs", data=b'{"input": {"score": ' + literal + b"}}", content_type="application/json")
+        assert r.status_code == 400 and r.json()["error_code"] == "parse_error"
+    assert IngestBatch.objects.count() == 0
+
+
+def test_json_with_a_charset_and_a_valid_emoji_is_accepted(agent):
+    r = agent.post("/api/v1/runs", data=json.dumps({"input": "ok \U0001F600"}).encode(),
+                   content_type="application/json; charset=utf-8")
+    assert r.status_code == 202, r.json()
+    uuid.UUID(r.json()["batch_id"])  # opaque, says nothing about other projects' volume
+    drain()
+    assert Run.objects.get().input == "ok \U0001F600"
+
+
+def test_odd_ids_in_paths_and_params_are_answered_not_crashed_on(agent):
+    assert agent.get("/api/v1/runs/a%00b").status_code == 404
+    assert agent.get("/api/v1/sessions/a%00b/runs").status_code == 404
+    assert agent.get("/api/v1/runs/" + "x" * 300).status_code == 404
+    r = agent.get("/api/v1/runs?project=Not%20A%20Slug")
+    assert r.status_code == 400 and "project" in r.json()["details"]["fields"]
+    r = agent.get("/api/v1/runs/r1?project=a%00b")
+    assert r.status_code == 400 and r.json()["details"]["field"] == "project"
+    r = agent.get("/api/v1/runs?cursor=zzz")
+    assert r.status_code == 400 and r.json()["details"]["field"] == "cursor"
+    assert agent.get("/api/v1/runs?agent=a%00b").status_code == 400
 
 
 def test_bad_patch_and_bodies(agent):

@@ -13,11 +13,18 @@ pytestmark = pytest.mark.django_db
 
 def test_demo_traffic_covers_the_cases_and_reads_back_through_the_api(key_client):
     call_command("demo", runs=8)
-    # It went through the REST path: durable batches from the API, one per request, all projected.
-    assert IngestBatch.objects.filter(source="rest").count() > 30
-    assert not IngestBatch.objects.exclude(status="done").exists()
+    # It went through the REST path: one durable batch per HTTP request, each hashed from its method,
+    # path and body by the API view, sent with the key the demo minted; all projected.
     key = ApiKey.objects.get(name="demo traffic")
+    batches = IngestBatch.objects.all()
+    assert batches.count() > 30 and all(b.source == "rest" and len(b.request_hash) == 64 and b.api_key_id == key.pk
+                                        for b in batches)
+    assert not batches.exclude(status="done").exists()
+    # The key it minted is audited and does not outlive the demo.
+    key.refresh_from_db()
+    assert key.revoked_at is not None
     assert AuditEvent.objects.filter(action="api_key.created", object_id=str(key.pk)).exists()
+    assert AuditEvent.objects.filter(action="api_key.revoked", object_id=str(key.pk)).exists()
 
     runs = Run.objects.filter(project__slug="demo")
     assert {r.agent_name for r in runs} == {"support-bot", "research-agent", "web-searcher", "coder"}

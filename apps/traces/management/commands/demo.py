@@ -251,12 +251,20 @@ class Command(BaseCommand):
         parser.add_argument("--seed", type=int, default=7)
 
     def handle(self, *args, project: str, runs: int, url: str | None, key: str | None, seed: int, **options):
+        minted = None
         if key is None:
             with transaction.atomic():
                 proj = Project.objects.filter(slug=project).first() or project_services.project_create(
                     slug=project, name=project.replace("-", " ").title(), actor=None)
-                _, key = project_services.api_key_create(project=proj, name="demo traffic",
-                                                         scopes=["ingest", "read"], actor=None)
+                minted, key = project_services.api_key_create(project=proj, name="demo traffic",
+                                                              scopes=["ingest"], actor=None)
+        try:
+            self._send(key, url, project, runs, seed)
+        finally:
+            if minted is not None:  # a key minted for the demo does not outlive it (both audited)
+                project_services.api_key_revoke(key=minted, actor=None)
+
+    def _send(self, key: str, url: str | None, project: str, runs: int, seed: int) -> None:
         send = Sender(key, url)
         rng = random.Random(seed)
         now = datetime.now(UTC).replace(microsecond=0)
