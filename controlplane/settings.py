@@ -54,6 +54,7 @@ INSTALLED_APPS = [
     "apps.audit",
     "apps.projects",
     "apps.traces",
+    "apps.ingest",
 ]
 
 MIDDLEWARE = [
@@ -243,3 +244,14 @@ TRACES_MAX_FIELD_BYTES = env_int("TRACES_MAX_FIELD_BYTES", 1024 * 1024, minimum=
 # Request bodies: 20 MiB at most (413 beyond); one field of a span 1 MiB at most (400 beyond).
 MAX_REQUEST_BYTES = env_int("MAX_REQUEST_BYTES", 20 * 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
+
+# --- OTLP ingest (apps.ingest) -----------------------------------------------------------------------
+OTLP_MAX_BODY_BYTES = env_int("OTLP_MAX_BODY_BYTES", 20 * 1024 * 1024, minimum=1024)  # after decompression
+# Spans accepted but not yet projected: above HIGH the receiver sheds load (503 + Retry-After) until
+# the backlog is under LOW. 0 turns shedding off.
+INGEST_BACKLOG_HIGH = env_int("INGEST_BACKLOG_HIGH", 1_000_000, minimum=0)
+INGEST_BACKLOG_LOW = env_int("INGEST_BACKLOG_LOW", INGEST_BACKLOG_HIGH // 2, minimum=0)
+INGEST_BACKLOG_RETRY_AFTER = env_int("INGEST_BACKLOG_RETRY_AFTER", 5, minimum=1)
+# Requests per minute per API key (a key's own rate_limit_per_minute wins); 0 = unlimited.
+INGEST_RATE_LIMIT_PER_MINUTE = env_int("INGEST_RATE_LIMIT_PER_MINUTE", 0, minimum=0)
+OTLP_GRPC_PORT = env_int("OTLP_GRPC_PORT", 4317, minimum=1)

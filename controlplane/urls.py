@@ -3,6 +3,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from apps.common.views import healthz
+from apps.ingest import views as otlp_views
 
 urlpatterns = [
     path("admin/", admin.site.urls),
@@ -10,6 +11,8 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api/v1/", include("apps.projects.urls")),
     path("api/v1/", include("apps.traces.urls")),
+    path("v1/traces", otlp_views.traces, name="otlp-traces"),
+    path("v1/logs", otlp_views.logs, name="otlp-logs"),
     path("healthz", healthz, name="healthz"),
 ]
 

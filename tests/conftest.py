@@ -94,3 +94,29 @@ def key_client():
         return c
 
     return make
+
+
+_SQLITE_AUDIT_DELETE_TRIGGER = """CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit_auditevent
+    BEGIN SELECT RAISE(ABORT, 'audit log is append-only: DELETE refused on audit_auditevent'); END;"""
+
+
+@pytest.fixture(autouse=True)
+def _sqlite_flushable_audit(request):
+    """On SQLite, a transactional test's teardown flushes tables with DELETE, which the audit log's
+    trigger refuses (PostgreSQL's TRUNCATE has its own switch above). Lift the trigger for the flush
+    only: it is restored before the next test starts."""
+    marker = request.node.get_closest_marker("django_db")
+    if marker is None or not marker.kwargs.get("transaction"):
+        yield
+        return
+    request.getfixturevalue("transactional_db")
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        yield
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(_SQLITE_AUDIT_DELETE_TRIGGER)
+    yield
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TRIGGER IF EXISTS audit_no_delete")

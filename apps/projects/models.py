@@ -116,6 +116,9 @@ class ApiKey(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    rate_limit_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Ingest requests per minute (429 beyond); empty: the server default, "
+                                         "0: unlimited.")
 
     objects = ApiKeyQuerySet.as_manager()
 

@@ -144,6 +144,9 @@ class Run(models.Model):
     span_count = models.PositiveIntegerField(default=0)
     error_span_count = models.PositiveIntegerField(default=0)
     last_span_at = models.DateTimeField(null=True, blank=True)
+    derive_status = models.BooleanField(
+        default=False, help_text="Outcome inferred from the spans (OTLP): completed unless an error inside was "
+                                 "never recovered, then failed with that span named.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

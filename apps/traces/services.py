@@ -360,7 +360,15 @@ def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: _Cha
     for batch, rec in items:
         run = runs[rec["run_id"]]
         op = rec["op"]
-        if op == "run.start":
+        if op == "run.start" and rec.get("fill"):
+            # Run fields told by a span other than the root (OTLP): fill blanks, change nothing set.
+            for key in ("agent_name", "agent_version", "end_user", "session_id"):
+                if rec.get(key) and not getattr(run, key):
+                    setattr(run, key, rec[key])
+            if rec.get("metadata"):
+                run.metadata = {**rec["metadata"], **(run.metadata or {})}
+            dirty.add(run.run_id)
+        elif op == "run.start":
             run.start_received = True
             run.agent_name = rec.get("agent_name", "") or run.agent_name
             run.agent_version = rec.get("agent_version", "") or run.agent_version
@@ -409,6 +417,7 @@ def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: _Cha
                 run.error_details = rec["error_details"]
             if rec.get("failing_span_id"):
                 run.failing_span_id = rec["failing_span_id"]
+            run.derive_status = bool(rec.get("derive_status"))
             changes.finished.add(run.pk)
             dirty.add(run.run_id)
 
@@ -490,7 +499,11 @@ def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: _Cha
         run = runs[run_id]
         if run.ended_at is not None and run.started_at is not None:
             run.duration_ms = max((run.ended_at - run.started_at).total_seconds() * 1000, 0.0)
-        if run.status == Run.Status.FAILED and not run.failing_span_id:
+        if run.derive_status and run.status in (Run.Status.COMPLETED, Run.Status.FAILED):
+            # The root ended OK (OTLP): the run failed if an error inside it was never recovered.
+            run.failing_span_id = _failing_span(run) if run.error_span_count else ""
+            run.status = Run.Status.FAILED if run.failing_span_id else Run.Status.COMPLETED
+        elif run.status == Run.Status.FAILED and not run.failing_span_id:
             run.failing_span_id = _failing_span(run)
         run.updated_at = now
         changes.runs[run.pk] = run
@@ -501,7 +514,7 @@ def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: _Cha
 _RUN_FIELDS = ["agent_name", "agent_version", "end_user", "api_key", "session_id", "parent_run", "parent_run_ref",
                "status", "start_received", "started_at", "ended_at", "duration_ms", "input", "output", "metadata",
                "models_used", "providers_used", *TOKEN_FIELDS, "error_code", "error_details", "failing_span_id",
-               "span_count", "error_span_count", "last_span_at", "updated_at"]
+               "span_count", "error_span_count", "last_span_at", "derive_status", "updated_at"]
 
 
 def _save_runs(runs: list[Run]) -> None:
@@ -534,6 +547,8 @@ def _failing_span(run: Run) -> str:
     failed = [e for sid, e in eff.items() if e.get("status") == "error" and sid not in recovered]
     if not failed:
         return ""
+    # A failed root only reports what failed inside it: name the inner error when there is one.
+    failed = [e for e in failed if e.get("parent_span_id")] or failed
     return max(failed, key=lambda e: (e.get("end_time") or e["start_time"]))["span_id"]
 
 

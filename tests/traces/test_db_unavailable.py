@@ -148,6 +148,15 @@ def test_writes_answer_503_with_retry_after_while_the_database_is_unreachable(ke
                                           data=b'[{"span_id": "s1"}]')
         assert status == 503 and hdrs.get("Retry-After"), body
 
+        # The OTLP receiver too: exporters retry on 503 (they drop data on a 500).
+        from google.rpc import status_pb2
+
+        status, body, hdrs = http.request("POST", f"{base}/v1/traces", timeout=20, data=b"\x0a\x00",
+                                          headers={"Authorization": f"Bearer {key}",
+                                                   "Content-Type": "application/x-protobuf"})
+        assert status == 503 and int(hdrs["Retry-After"]) > 0, (status, body)
+        assert status_pb2.Status.FromString(body).code == 14  # UNAVAILABLE
+
         proxy.start()  # the database is back: the same server process recovers on its own
         deadline = time.monotonic() + 30
         while (status := write("after")[0]) != 202:
