@@ -26,7 +26,7 @@ from apps.common.api import ERROR_RESPONSES
 from apps.common.errors import ApiError, ErrorCode, ErrorSerializer
 from apps.projects.permissions import is_agent, require_scope
 
-from . import records, selectors, services
+from . import records, selectors, services, topology
 from .records import RecordError
 from .serializers import (
     RunAcceptedOut,
@@ -219,8 +219,9 @@ class RunDetailView(APIView):
         require_scope(request, "read")
         run = selectors.run_get(principal=request.user, run_id=_path_id(run_id), project_slug=_project_param(request))
         data = RunOut(run).data
+        spans = selectors.run_spans(run)
         data.update(input=run.input, output=run.output, metadata=run.metadata, error_details=run.error_details,
-                    child_run_ids=selectors.run_children(run), spans=selectors.run_spans(run),
+                    child_run_ids=selectors.run_children(run), spans=spans, topology=topology.build(spans),
                     tool_calls=[{**t, "started_at": selectors.iso(t["started_at"])}
                                 for t in selectors.run_tool_calls(run)])
         return Response(data)

@@ -265,6 +265,57 @@ class SpanOut(serializers.Serializer):
     updated = serializers.BooleanField(help_text="True when a late update changed this span.")
 
 
+class LoopNodeOut(serializers.Serializer):
+    """One iteration of a loop."""
+
+    index = serializers.IntegerField()
+    span_id = serializers.CharField()
+    name = serializers.CharField()
+    parent_index = serializers.IntegerField(allow_null=True)
+    group_id = serializers.JSONField(allow_null=True)
+    placement = serializers.JSONField(allow_null=True)
+    agent_run = serializers.JSONField(allow_null=True)
+    valid = serializers.BooleanField(allow_null=True, help_text="The verdict: was this attempt valid.")
+    score = serializers.FloatField(allow_null=True)
+    cost_usd = serializers.FloatField(allow_null=True)
+    duration_ms = serializers.FloatField(allow_null=True)
+    tokens_in = serializers.IntegerField(allow_null=True, help_text="As sent, else summed over its model calls.")
+    tokens_out = serializers.IntegerField(allow_null=True)
+    error = serializers.CharField(allow_null=True)
+    output_preview = serializers.CharField(allow_null=True)
+    status = serializers.ChoiceField(choices=SpanStatus.choices)
+    winner = serializers.BooleanField()
+
+
+class LoopEdgeOut(serializers.Serializer):
+    """One move: from its parent iteration (null: the loop's start) to the iterations it produced."""
+
+    span_id = serializers.CharField(allow_null=True, help_text="The loop.move span; null when inferred.")
+    kind = serializers.CharField(help_text="refine | fanout | stop (as sent).")
+    round = serializers.IntegerField()
+    rationale = serializers.JSONField(allow_null=True)
+    parent_index = serializers.IntegerField(allow_null=True)
+    child_indices = serializers.ListField(child=serializers.IntegerField())
+    inferred = serializers.BooleanField()
+
+
+class LoopOut(serializers.Serializer):
+    span_id = serializers.CharField(allow_null=True, help_text="The loop span; null for iterations without one.")
+    name = serializers.CharField(allow_null=True)
+    driver = serializers.JSONField(allow_null=True)
+    winner_index = serializers.IntegerField(allow_null=True)
+    total_cost_usd = serializers.FloatField(allow_null=True)
+    duration_ms = serializers.FloatField(allow_null=True)
+    declared_iterations = serializers.IntegerField(allow_null=True)
+    inferred = serializers.BooleanField(help_text="True when no move spans came and the edges were inferred.")
+    nodes = LoopNodeOut(many=True)
+    edges = LoopEdgeOut(many=True)
+
+
+class TopologyOut(serializers.Serializer):
+    loops = LoopOut(many=True)
+
+
 class RunDetailOut(RunOut):
     input = serializers.JSONField()
     output = serializers.JSONField()
@@ -273,3 +324,4 @@ class RunDetailOut(RunOut):
     child_run_ids = serializers.ListField(child=serializers.CharField())
     spans = SpanOut(many=True)
     tool_calls = ToolCallOut(many=True)
+    topology = TopologyOut(help_text="The run's loops as graphs (empty when it has none).")
