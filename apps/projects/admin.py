@@ -63,7 +63,9 @@ class ProjectAdmin(ScopedAdminMixin, admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if change:
-            super().save_model(request, obj, form, change)
+            services.project_update(project=obj, actor=request.user,
+                                    **{f: form.cleaned_data[f] for f in services.PROJECT_SETTINGS
+                                       if f in form.cleaned_data})
             return
         created = services.project_create(slug=obj.slug, name=obj.name, actor=request.user)
         obj.pk, obj.created_at = created.pk, created.created_at

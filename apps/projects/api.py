@@ -25,6 +25,7 @@ from .serializers import (
     MeSerializer,
     ProjectCreateSerializer,
     ProjectSerializer,
+    ProjectUpdateSerializer,
     RoleGrantSerializer,
 )
 
@@ -71,6 +72,19 @@ class ProjectDetailView(APIView):
     @extend_schema(responses={200: ProjectSerializer, **ERROR_RESPONSES})
     def get(self, request, slug: str):
         return Response(ProjectSerializer(access_project(request, slug)).data)
+
+    @extend_schema(request=ProjectUpdateSerializer, responses={200: ProjectSerializer, **ERROR_RESPONSES},
+                   summary="Change a project's settings (name, redaction); project admins only")
+    def patch(self, request, slug: str):
+        project = access_project(request, slug)
+        check_project_perm(request, project, "change_project")
+        ser = ProjectUpdateSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        data = dict(ser.validated_data)
+        if "redaction_patterns" in data:
+            data["redaction_patterns"] = [dict(p) for p in data["redaction_patterns"]]
+        return Response(ProjectSerializer(services.project_update(project=project, actor=request.user,
+                                                                  **data)).data)
 
 
 class MemberListView(APIView):

@@ -11,9 +11,12 @@ import hmac
 
 from django.conf import settings
 from django.contrib.auth.models import Group
+from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 from django.utils import timezone
+
+from apps.common import redaction
 
 API_KEY_PREFIX = "cp_live_"
 API_KEY_LOOKUP_LEN = 12  # characters after the prefix, indexed for lookup
@@ -62,6 +65,17 @@ class Project(models.Model):
     slug = models.SlugField(max_length=63, unique=True, validators=[slug_validator])
     name = models.CharField(max_length=200)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Redaction (apps/common/redaction.py), applied before anything reaches the run log.
+    redaction_enabled = models.BooleanField(
+        default=True, help_text="Replace emails, phone and card numbers, API keys, tokens and IP addresses by "
+                                "typed placeholders before traces are stored.")
+    redaction_patterns = models.JSONField(
+        default=list, blank=True,
+        help_text='Extra patterns, as [{"name": "EMPLOYEE_ID", "pattern": "EMP-\\d{6}"}]: a match becomes '
+                  "[EMPLOYEE_ID]. Applied even when the built-in rules are off.")
+    redaction_exempt_attributes = models.JSONField(
+        default=list, blank=True,
+        help_text='Attribute names whose values are kept as sent, e.g. ["http.client_ip", "app.debug.*"].')
 
     objects = ProjectQuerySet.as_manager()
 
@@ -75,6 +89,21 @@ class Project(models.Model):
 
     def __str__(self) -> str:
         return self.slug
+
+    def clean(self) -> None:
+        errors = {}
+        for field, check in (("redaction_patterns", redaction.validate_extra_patterns),
+                             ("redaction_exempt_attributes", redaction.validate_exempt_attributes)):
+            try:
+                setattr(self, field, check(getattr(self, field)))
+            except redaction.PatternError as exc:
+                errors[field] = str(exc)
+        if errors:
+            raise ValidationError(errors)
+
+    def redactor(self) -> redaction.Redactor:
+        return redaction.Redactor(self.redaction_patterns, self.redaction_exempt_attributes,
+                                  builtin=self.redaction_enabled)
 
 
 class ProjectRole(models.Model):

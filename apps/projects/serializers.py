@@ -3,10 +3,27 @@ from rest_framework import serializers
 from .models import ApiKey, Project, Role, Scope
 
 
+class RedactionPatternSerializer(serializers.Serializer):
+    name = serializers.RegexField(r"^[A-Z][A-Z0-9_]{0,39}$", help_text="The placeholder's name: [NAME].")
+    pattern = serializers.CharField(max_length=500, help_text="A Python regular expression.")
+
+
 class ProjectSerializer(serializers.ModelSerializer):
+    redaction_patterns = RedactionPatternSerializer(many=True, read_only=True)
+    redaction_exempt_attributes = serializers.ListField(child=serializers.CharField(), read_only=True)
+
     class Meta:
         model = Project
-        fields = ["slug", "name", "created_at"]
+        fields = ["slug", "name", "created_at", "redaction_enabled", "redaction_patterns",
+                  "redaction_exempt_attributes"]
+
+
+class ProjectUpdateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200, required=False)
+    redaction_enabled = serializers.BooleanField(required=False)
+    redaction_patterns = RedactionPatternSerializer(many=True, required=False)
+    redaction_exempt_attributes = serializers.ListField(child=serializers.CharField(max_length=200),
+                                                        required=False, max_length=200)
 
 
 class ProjectCreateSerializer(serializers.Serializer):

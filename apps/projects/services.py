@@ -90,6 +90,30 @@ def project_create(*, slug: str, name: str = "", actor=None) -> Project:
     return project
 
 
+PROJECT_SETTINGS = ("name", "redaction_enabled", "redaction_patterns", "redaction_exempt_attributes")
+
+
+@transaction.atomic
+def project_update(*, project: Project, actor, **changes) -> Project:
+    """Change a project's settings (name, redaction). Validated by ``Project.clean``; audited with
+    the fields that changed, before and after. Returns the project (unchanged: nothing audited)."""
+    unknown = set(changes) - set(PROJECT_SETTINGS)
+    if unknown:
+        raise ValidationError({sorted(unknown)[0]: "is not a project setting."})
+    project = Project.objects.select_for_update().get(pk=project.pk)
+    before = {f: getattr(project, f) for f in PROJECT_SETTINGS}
+    for field, value in changes.items():
+        setattr(project, field, value)
+    project.full_clean()
+    after = {f: getattr(project, f) for f in PROJECT_SETTINGS}
+    changed = [f for f in PROJECT_SETTINGS if before[f] != after[f]]
+    if changed:
+        project.save(update_fields=changed)
+        _audit(actor, project, "project.updated", project, before={f: before[f] for f in changed},
+               after={f: after[f] for f in changed})
+    return project
+
+
 @transaction.atomic
 def role_grant(*, project: Project, user, role: str, actor) -> bool:
     """Give ``user`` a role in ``project``. Returns False (and audits nothing) if already held."""

@@ -29,6 +29,7 @@ from django.utils import timezone
 
 from apps.common import live
 from apps.common.errors import ApiError, ErrorCode
+from apps.projects.models import Project
 
 from . import signals
 from .models import TOKEN_FIELDS, IngestBatch, Run, Span, SpanUpdate, ToolCall
@@ -552,11 +553,24 @@ def _failing_span(run: Run) -> str:
     return max(failed, key=lambda e: (e.get("end_time") or e["start_time"]))["span_id"]
 
 
+def _redactors(project_ids) -> dict[int, Any]:
+    """Each project's redactor (None where it would change nothing)."""
+    out = {}
+    for project in Project.objects.filter(pk__in=set(project_ids)).only(
+            "pk", "redaction_enabled", "redaction_patterns", "redaction_exempt_attributes"):
+        redactor = project.redactor()
+        out[project.pk] = redactor if redactor.active else None
+    return out
+
+
 def _project(batches: list[IngestBatch], changes: _Changes) -> None:
+    """Decode, redact and apply the batches; nothing unredacted reaches Run / Span / ToolCall."""
     by_project: dict[int, list[tuple[IngestBatch, dict]]] = defaultdict(list)
+    redactors = _redactors(b.project_id for b in batches)
     for batch in batches:
+        redactor = redactors.get(batch.project_id)
         for rec in _decode(batch):
-            by_project[batch.project_id].append((batch, rec))
+            by_project[batch.project_id].append((batch, redactor.record(rec) if redactor else rec))
     for project_id in sorted(by_project):
         _apply(project_id, by_project[project_id], changes)
     IngestBatch.objects.filter(pk__in=[b.pk for b in batches]).update(
