@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run web worker beat migrate test lint demo clean
+.PHONY: run web worker otlp-grpc beat migrate test lint demo clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ web: migrate
 
 worker: $(STAMP)
 	exec $(VENV)/bin/celery -A controlplane worker -Q default,ingest -l INFO
+
+otlp-grpc: migrate
+	exec $(PY) manage.py otlp_grpc --host 0.0.0.0
 
 beat: $(STAMP)
 	exec $(VENV)/bin/celery -A controlplane beat -l INFO -s $${DATA_DIR:-var}/celerybeat-schedule

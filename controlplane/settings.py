@@ -254,4 +254,6 @@ INGEST_BACKLOG_LOW = env_int("INGEST_BACKLOG_LOW", INGEST_BACKLOG_HIGH // 2, min
 INGEST_BACKLOG_RETRY_AFTER = env_int("INGEST_BACKLOG_RETRY_AFTER", 5, minimum=1)
 # Requests per minute per API key (a key's own rate_limit_per_minute wins); 0 = unlimited.
 INGEST_RATE_LIMIT_PER_MINUTE = env_int("INGEST_RATE_LIMIT_PER_MINUTE", 0, minimum=0)
-OTLP_GRPC_PORT = env_int("OTLP_GRPC_PORT", 4317, minimum=1)
+# OTLP/gRPC: `manage.py otlp_grpc` listens here; `make run` (embedded) serves it in-process (0: not at all).
+OTLP_GRPC_PORT = env_int("OTLP_GRPC_PORT", 4317, minimum=0)
+OTLP_GRPC_WORKERS = env_int("OTLP_GRPC_WORKERS", 8, minimum=1)

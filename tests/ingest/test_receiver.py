@@ -12,7 +12,6 @@ from google.rpc import status_pb2
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from apps.ingest import services as ingest
 from apps.traces.models import IngestBatch, Span
 from tests.traces.helpers import drain
 
@@ -21,13 +20,6 @@ from . import builders as b
 pytestmark = pytest.mark.django_db
 
 PB = "application/x-protobuf"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_backlog():
-    ingest.backlog.reset()
-    yield
-    ingest.backlog.reset()
 
 
 @pytest.fixture

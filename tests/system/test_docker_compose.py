@@ -22,20 +22,20 @@ def _entry_points(command: list[str]) -> list[list[str]]:
 
 def test_every_service_is_defined_with_a_health_check():
     services = _compose()["services"]
-    assert set(services) >= {"postgres", "redis", "web", "worker", "beat"}
-    for name in ("postgres", "redis", "web", "worker", "beat"):
+    assert set(services) >= {"postgres", "redis", "web", "otlp-grpc", "worker", "beat"}
+    for name in ("postgres", "redis", "web", "otlp-grpc", "worker", "beat"):
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no health check"
 
 
 def test_app_services_use_postgres_and_redis():
-    for name in ("web", "worker", "beat"):
+    for name in ("web", "otlp-grpc", "worker", "beat"):
         env = _compose()["services"][name]["environment"]
         assert env["DATABASE_URL"].startswith("postgres://") and env["REDIS_URL"].startswith("redis://")
 
 
 def test_each_command_names_a_real_entry_point():
     commands = get_commands()
-    for name in ("web", "worker", "beat"):
+    for name in ("web", "otlp-grpc", "worker", "beat"):
         for argv in _entry_points(_compose()["services"][name]["command"]):
             if argv[:2] == ["python", "manage.py"]:
                 assert argv[2] in commands, f"{name}: no management command {argv[2]!r}"

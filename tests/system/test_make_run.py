@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests import http_client as http
@@ -24,7 +25,8 @@ def _free_port() -> int:
 def embedded_env(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in {"DATABASE_URL", "REDIS_URL", "DEBUG", "SECRET_KEY", "DJANGO_SETTINGS_MODULE"}}
-    env.update({"DATA_DIR": str(tmp_path / "var"), "PORT": str(_free_port()), "ADMIN_PASSWORD": "a-long-pw-123"})
+    env.update({"DATA_DIR": str(tmp_path / "var"), "PORT": str(_free_port()), "ADMIN_PASSWORD": "a-long-pw-123",
+                "OTLP_GRPC_PORT": str(_free_port())})
     return env
 
 
@@ -59,6 +61,12 @@ def test_make_run_serves_the_whole_system_and_stops_on_ctrl_c(embedded_env, tmp_
         status, body = http.get(f"{base}/healthz?worker=1", timeout=20)
         assert status == 200 and b'"worker": "ok"' in body
 
+        # OTLP/gRPC is served too: an export with the key is answered OK.
+        with grpc.insecure_channel(f"127.0.0.1:{embedded_env['OTLP_GRPC_PORT']}") as channel:
+            export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                                         request_serializer=None, response_deserializer=lambda b: b)
+            assert export(b"", metadata=(("authorization", f"Bearer {key}"),), timeout=20) == b""
+
         assert b"password: " not in (tmp_path / "run.log").read_bytes()  # ADMIN_PASSWORD was given
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
@@ -70,3 +78,5 @@ def test_make_run_serves_the_whole_system_and_stops_on_ctrl_c(embedded_env, tmp_
             pytest.fail("make run did not stop within 30 s of Ctrl-C")
         log.close()
     assert http.get(f"{base}/healthz", timeout=2)[0] is None, "something still listens after Ctrl-C"
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", int(embedded_env["OTLP_GRPC_PORT"]))) != 0, "gRPC still listens"

@@ -14,9 +14,11 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from django.conf import settings
 from django.db import connection
+from google.rpc import error_details_pb2, status_pb2
 
 from apps.traces.models import IngestBatch
 from tests import http_client as http
@@ -117,6 +119,10 @@ def test_writes_answer_503_with_retry_after_while_the_database_is_unreachable(ke
     log = open(tmp_path / "server.log", "wb")
     server = subprocess.Popen([sys.executable, "manage.py", "serve", "--no-worker", "--port", str(port)], cwd=ROOT,
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    grpc_port = _free_port()
+    grpc_log = open(tmp_path / "grpc.log", "wb")
+    grpc_server = subprocess.Popen([sys.executable, "manage.py", "otlp_grpc", "--port", str(grpc_port)], cwd=ROOT,
+                                   env=env, stdout=grpc_log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
 
@@ -149,20 +155,34 @@ def test_writes_answer_503_with_retry_after_while_the_database_is_unreachable(ke
         assert status == 503 and hdrs.get("Retry-After"), body
 
         # The OTLP receiver too: exporters retry on 503 (they drop data on a 500).
-        from google.rpc import status_pb2
-
         status, body, hdrs = http.request("POST", f"{base}/v1/traces", timeout=20, data=b"\x0a\x00",
                                           headers={"Authorization": f"Bearer {key}",
                                                    "Content-Type": "application/x-protobuf"})
         assert status == 503 and int(hdrs["Retry-After"]) > 0, (status, body)
         assert status_pb2.Status.FromString(body).code == 14  # UNAVAILABLE
 
+        # And the OTLP/gRPC receiver (`manage.py otlp_grpc`): UNAVAILABLE with a RetryInfo.
+        code, status_detail = _grpc_export(grpc_port, key)
+        assert code == grpc.StatusCode.UNAVAILABLE, (code, (tmp_path / "grpc.log").read_text()[-2000:])
+        info = error_details_pb2.RetryInfo()
+        assert status_detail.details[0].Unpack(info) and info.retry_delay.seconds > 0
+
         proxy.start()  # the database is back: the same server process recovers on its own
         deadline = time.monotonic() + 30
         while (status := write("after")[0]) != 202:
             assert status == 503 and time.monotonic() < deadline, status
             time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while (code := _grpc_export(grpc_port, key)[0]) != grpc.StatusCode.OK:
+            assert code == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, code
+            time.sleep(0.5)
     finally:
+        grpc_server.terminate()
+        try:
+            assert grpc_server.wait(timeout=20) == 0, (tmp_path / "grpc.log").read_text()[-2000:]
+        except subprocess.TimeoutExpired:
+            grpc_server.kill()
+        grpc_log.close()
         server.terminate()
         try:
             server.wait(timeout=20)
@@ -171,4 +191,22 @@ def test_writes_answer_503_with_retry_after_while_the_database_is_unreachable(ke
         proxy.cut()
         log.close()
     # Exactly what was acknowledged is stored: nothing of the refused writes.
-    assert sorted(b.payload[0]["run_id"] for b in IngestBatch.objects.all()) == ["after", "before"]
+    assert sorted(b.payload[0]["run_id"] for b in IngestBatch.objects.filter(kind="records")) == ["after", "before"]
+    assert IngestBatch.objects.filter(kind="otlp.traces", source="otlp-grpc").count() == 1
+
+
+def _grpc_export(port: int, key: str):
+    """Export one span over OTLP/gRPC: (status code, google.rpc.Status from the trailers or None)."""
+    from tests.ingest import builders as b
+
+    body = b.request(b.span(b.trace_id(77), b.span_id(77), name="over-grpc")).SerializeToString()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                                   request_serializer=None, response_deserializer=lambda b: b)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            call(body, metadata=(("authorization", f"Bearer {key}"),), timeout=20)
+            return grpc.StatusCode.OK, None
+        except grpc.RpcError as exc:
+            detail = dict(exc.trailing_metadata() or ()).get("grpc-status-details-bin")
+            return exc.code(), status_pb2.Status.FromString(detail) if detail else None

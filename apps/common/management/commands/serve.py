@@ -5,7 +5,7 @@ worker (solo pool) and Celery beat run on threads of the same process: the broke
 (Kombu's SQLAlchemy transport) and the channel layer is in-memory, which only reaches consumers of
 the process that publishes; running everything in one process is what makes tasks' broadcasts reach
 the browser. With Redis configured, run ``make web``, ``make worker`` and ``make beat`` instead.
-Ctrl-C (SIGINT) or SIGTERM stops Daphne, then the worker and beat, then the process.
+Embedded mode also serves OTLP/gRPC on OTLP_GRPC_PORT (4317). Ctrl-C (SIGINT) or SIGTERM stops Daphne, then the worker and beat, then the process.
 """
 from __future__ import annotations
 
@@ -34,9 +34,11 @@ class Command(BaseCommand):
         from daphne.endpoints import build_endpoint_description_strings
         from daphne.server import Server
 
-        worker = beat = None
+        worker = beat = grpc_server = None
         if settings.EMBEDDED and not no_worker:
             worker, beat = self._start_worker_and_beat()
+        if settings.EMBEDDED and settings.OTLP_GRPC_PORT:
+            grpc_server = self._start_grpc(host)
 
         from controlplane.asgi import application
 
@@ -67,11 +69,26 @@ class Command(BaseCommand):
             server.run()
         finally:
             self.stdout.write("stopping worker and beat...")
+            if grpc_server is not None:
+                grpc_server.stop(grace=2).wait()
             if beat is not None:
                 beat.stop()
             if worker is not None:
                 worker.stop(in_sighandler=False, exitcode=0)
             self.stdout.write("stopped.")
+
+    def _start_grpc(self, host: str):
+        """The OTLP/gRPC receiver on its own threads (production runs ``manage.py otlp_grpc``)."""
+        from apps.ingest.grpc_server import build_server
+
+        try:
+            server, port = build_server(host=host)
+        except (OSError, RuntimeError) as exc:
+            logger.warning("OTLP/gRPC not served (%s); OTLP/HTTP is unaffected", exc)
+            return None
+        server.start()
+        self.stdout.write(f"OTLP/gRPC on {host}:{port}")
+        return server
 
     def _start_worker_and_beat(self):
         from celery.beat import EmbeddedService
