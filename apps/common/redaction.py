@@ -17,7 +17,7 @@ API_KEY    ``sk-…``, ``AKIA…``/``ASIA…``, ``ghp_…`` (and gho/ghu/ghs/ghr
 JWT        three base64url parts, the first two starting ``eyJ``               ``[JWT]``
 BEARER     ``Bearer <token>`` (the word stays: ``Bearer [TOKEN]``)             ``[TOKEN]``
 PHONE      ``+``/``00`` and 8-15 digits; or a national number of 9-11 digits   ``[PHONE]``
-           written in 3+ groups (``(555) 123-4567``, ``020 7946 0958``)
+           in groups (``(555) 123-4567``, ``020 7946 0958``, ``030 901820``)
 IP         IPv4 dotted quads; IPv6 (validated by ``ipaddress``)                ``[IP]``
 ========== =================================================================== ================
 
