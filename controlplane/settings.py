@@ -8,7 +8,7 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
-from .env import database_from_url, env_bool, env_int, env_list, env_str
+from .env import database_from_url, env_bool, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("DATA_DIR", str(BASE_DIR / "var"))).resolve()
@@ -149,6 +149,10 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600} if REDIS_URL else
 CELERY_BROKER_CONNECTION_TIMEOUT = 3
 CELERY_BEAT_SCHEDULE: dict = {
     "traces-inbox-sweep": {"task": "traces.inbox_sweep", "schedule": env_int("TRACES_SWEEP_SECONDS", 15, minimum=1)},
+    "traces-mark-lost": {"task": "traces.runs_mark_lost",
+                         "schedule": env_int("TRACES_LOST_SWEEP_SECONDS", 60, minimum=1)},
+    "traces-retention": {"task": "traces.runs_purge_expired",
+                         "schedule": env_int("TRACES_RETENTION_SWEEP_SECONDS", 600, minimum=1)},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 
@@ -241,6 +245,17 @@ TRACES_MAX_ATTEMPTS = env_int("TRACES_MAX_ATTEMPTS", 5, minimum=1)
 TRACES_PROJECT_BATCH_LIMIT = env_int("TRACES_PROJECT_BATCH_LIMIT", 20, minimum=1)
 TRACES_INBOX_RETENTION_HOURS = env_int("TRACES_INBOX_RETENTION_HOURS", 24, minimum=1)
 TRACES_MAX_FIELD_BYTES = env_int("TRACES_MAX_FIELD_BYTES", 1024 * 1024, minimum=1024)
+# Housekeeping (beat). A RUNNING run with no new span for this many minutes becomes LOST (a later span
+# brings it back to RUNNING).
+TRACES_LOST_AFTER_MINUTES = env_float("TRACES_LOST_AFTER_MINUTES", 5, minimum=0.01)
+# Retention: runs (with their spans) older than a project's retention_days are deleted; a project
+# without its own setting uses this default (0 = keep forever). Deleted in chunks of at most
+# TRACES_RETENTION_CHUNK_ROWS rows per transaction, for at most TRACES_HOUSEKEEPING_BUDGET_SECONDS a pass.
+TRACES_RETENTION_DAYS = env_int("TRACES_RETENTION_DAYS", 0, minimum=0)
+TRACES_RETENTION_CHUNK_ROWS = env_int("TRACES_RETENTION_CHUNK_ROWS", 5000, minimum=1)
+TRACES_HOUSEKEEPING_BUDGET_SECONDS = env_int("TRACES_HOUSEKEEPING_BUDGET_SECONDS", 60, minimum=1)
+# Batches that could not be projected (DEAD) keep their payload for inspection this long.
+TRACES_DEAD_RETENTION_DAYS = env_int("TRACES_DEAD_RETENTION_DAYS", 7, minimum=1)
 # Request bodies: 20 MiB at most (413 beyond); one field of a span 1 MiB at most (400 beyond).
 MAX_REQUEST_BYTES = env_int("MAX_REQUEST_BYTES", 20 * 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES

@@ -74,7 +74,7 @@ class ProjectDetailView(APIView):
         return Response(ProjectSerializer(access_project(request, slug)).data)
 
     @extend_schema(request=ProjectUpdateSerializer, responses={200: ProjectSerializer, **ERROR_RESPONSES},
-                   summary="Change a project's settings (name, redaction); project admins only")
+                   summary="Change a project's settings (name, redaction, retention); project admins only")
     def patch(self, request, slug: str):
         project = access_project(request, slug)
         check_project_perm(request, project, "change_project")

@@ -12,7 +12,7 @@ import hmac
 from django.conf import settings
 from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
-from django.core.validators import RegexValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.utils import timezone
 
@@ -76,6 +76,10 @@ class Project(models.Model):
     redaction_exempt_attributes = models.JSONField(
         default=list, blank=True,
         help_text='Attribute names whose values are kept as sent, e.g. ["http.client_ip", "app.debug.*"].')
+    retention_days = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(36500)],
+        help_text="Delete runs (with their spans and tool calls) this many days after they were last active. "
+                  "Empty: the server's default (TRACES_RETENTION_DAYS; 0 there keeps them forever).")
 
     objects = ProjectQuerySet.as_manager()
 

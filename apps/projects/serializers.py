@@ -15,7 +15,7 @@ class ProjectSerializer(serializers.ModelSerializer):
     class Meta:
         model = Project
         fields = ["slug", "name", "created_at", "redaction_enabled", "redaction_patterns",
-                  "redaction_exempt_attributes"]
+                  "redaction_exempt_attributes", "retention_days"]
 
 
 class ProjectUpdateSerializer(serializers.Serializer):
@@ -24,6 +24,9 @@ class ProjectUpdateSerializer(serializers.Serializer):
     redaction_patterns = RedactionPatternSerializer(many=True, required=False)
     redaction_exempt_attributes = serializers.ListField(child=serializers.CharField(max_length=200),
                                                         required=False, max_length=200)
+    retention_days = serializers.IntegerField(
+        min_value=1, max_value=36500, allow_null=True, required=False,
+        help_text="Days to keep runs after their last activity; null: the server's default.")
 
 
 class ProjectCreateSerializer(serializers.Serializer):

@@ -90,12 +90,13 @@ def project_create(*, slug: str, name: str = "", actor=None) -> Project:
     return project
 
 
-PROJECT_SETTINGS = ("name", "redaction_enabled", "redaction_patterns", "redaction_exempt_attributes")
+PROJECT_SETTINGS = ("name", "redaction_enabled", "redaction_patterns", "redaction_exempt_attributes",
+                    "retention_days")
 
 
 @transaction.atomic
 def project_update(*, project: Project, actor, **changes) -> Project:
-    """Change a project's settings (name, redaction). Validated by ``Project.clean``; audited with
+    """Change a project's settings (name, redaction, retention). Validated by ``Project.clean``; audited with
     the fields that changed, before and after. Returns the project (unchanged: nothing audited)."""
     unknown = set(changes) - set(PROJECT_SETTINGS)
     if unknown:

@@ -99,6 +99,10 @@ class IngestBatch(models.Model):
         return f"batch {self.pk} ({self.source}, {self.status})"
 
 
+# error_code of a run the housekeeping sweep declared LOST (a later span revives it).
+LOST_ERROR_CODE = "run_lost"
+
+
 class Run(models.Model):
     class Status(models.TextChoices):
         PENDING = "pending"
@@ -161,6 +165,8 @@ class Run(models.Model):
             models.Index(fields=["project", "agent_name", "-started_at"], name="traces_run_agent"),
             models.Index(fields=["project", "end_user", "-started_at"], name="traces_run_end_user"),
             models.Index(fields=["project", "session_id", "started_at"], name="traces_run_session"),
+            # The housekeeping sweep's question: which RUNNING runs went quiet?
+            models.Index(fields=["last_span_at"], condition=Q(status="running"), name="traces_run_quiet"),
             models.Index(fields=["project", "parent_run_ref"], name="traces_run_parent_ref",
                          condition=~Q(parent_run_ref="")),
         ]

@@ -32,7 +32,7 @@ from apps.common.errors import ApiError, ErrorCode
 from apps.projects.models import Project
 
 from . import signals
-from .models import TOKEN_FIELDS, IngestBatch, Run, Span, SpanUpdate, ToolCall
+from .models import LOST_ERROR_CODE, TOKEN_FIELDS, IngestBatch, Run, Span, SpanUpdate, ToolCall
 from .records import USAGE_KEYS, RecordError, parse_time, trace_id_for_run
 
 logger = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def _latency_ms(eff: dict) -> float | None:
 
 
 @dataclass
-class _Changes:
+class RunChanges:
     """What one projection changed, for broadcasts and signals after commit."""
 
     runs: dict[int, Run] = field(default_factory=dict)
@@ -302,7 +302,7 @@ def _decode(batch: IngestBatch) -> list[dict]:
     return records
 
 
-def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: _Changes) -> None:
+def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: RunChanges) -> None:
     """Apply one project's records (in arrival order) inside the caller's transaction."""
     now = timezone.now()
 
@@ -361,6 +361,11 @@ def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: _Cha
     for batch, rec in items:
         run = runs[rec["run_id"]]
         op = rec["op"]
+        if run.status == Run.Status.LOST and run.error_code == LOST_ERROR_CODE and op != "run.finish" and not (
+                op == "span" and (run.trace_id, rec["span"]["span_id"]) in base):
+            # Declared lost by the housekeeping sweep, yet something new came: it is alive after all.
+            run.status, run.error_code, run.error_details = Run.Status.RUNNING, "", None
+            dirty.add(run.run_id)
         if op == "run.start" and rec.get("fill"):
             # Run fields told by a span other than the root (OTLP): fill blanks, change nothing set.
             for key in ("agent_name", "agent_version", "end_user", "session_id"):
@@ -563,7 +568,7 @@ def _redactors(project_ids) -> dict[int, Any]:
     return out
 
 
-def _project(batches: list[IngestBatch], changes: _Changes) -> None:
+def _project(batches: list[IngestBatch], changes: RunChanges) -> None:
     """Decode, redact and apply the batches; nothing unredacted reaches Run / Span / ToolCall."""
     by_project: dict[int, list[tuple[IngestBatch, dict]]] = defaultdict(list)
     redactors = _redactors(b.project_id for b in batches)
@@ -615,13 +620,13 @@ def _retry_later(batch: IngestBatch, exc: Exception) -> None:
                                                    not_before=timezone.now() + timedelta(seconds=delay))
 
 
-def _project_one(batch: IngestBatch) -> _Changes | None:
+def _project_one(batch: IngestBatch) -> RunChanges | None:
     """Project one batch in its own transaction; dead-letter or reschedule it on failure."""
     if batch.attempts > _max_attempts():
         _dead(batch, "gave_up", f"projection did not complete after {batch.attempts - 1} attempts "
                                 f"(last error: {batch.error or 'worker lost'})")
         return None
-    changes = _Changes()
+    changes = RunChanges()
     try:
         with transaction.atomic():
             _project([batch], changes)
@@ -646,10 +651,10 @@ def inbox_project(*, batch_id: int | None = None, limit: int | None = None) -> i
     batches = _claim(batch_id, limit)
     if not batches:
         return 0
-    results: list[_Changes | None] = []
+    results: list[RunChanges | None] = []
     together = [b for b in batches if b.attempts <= _max_attempts()]
     if len(together) > 1 and len(together) == len(batches):
-        changes = _Changes()
+        changes = RunChanges()
         try:
             with transaction.atomic():
                 _project(batches, changes)
@@ -661,7 +666,7 @@ def inbox_project(*, batch_id: int | None = None, limit: int | None = None) -> i
         results = [_project_one(b) for b in batches]
     for changes in results:
         if changes is not None:
-            _after_commit(changes)
+            publish_changes(changes)
     return len(batches)
 
 
@@ -675,7 +680,7 @@ def _run_summary(run: Run) -> dict:
     }
 
 
-def _after_commit(changes: _Changes) -> None:
+def publish_changes(changes: RunChanges) -> None:
     """Broadcast and signal what changed (the transaction has committed: the data is readable)."""
     if not changes.runs:
         return
@@ -699,7 +704,8 @@ def _after_commit(changes: _Changes) -> None:
 
 def inbox_sweep() -> dict[str, int]:
     """Beat task body: project whatever is claimable (lost enqueues, expired leases, retries due),
-    and delete projected batches older than the idempotency window."""
+    delete projected batches older than the idempotency window and dead ones (which keep their
+    payload for inspection) after TRACES_DEAD_RETENTION_DAYS."""
     projected = 0
     deadline = timezone.now() + timedelta(seconds=getattr(settings, "TRACES_SWEEP_BUDGET_SECONDS", 30))
     while timezone.now() < deadline:
@@ -707,14 +713,17 @@ def inbox_sweep() -> dict[str, int]:
         if not n:
             break
         projected += n
-    cutoff = timezone.now() - timedelta(hours=getattr(settings, "TRACES_INBOX_RETENTION_HOURS", 24))
+    now = timezone.now()
+    done_cutoff = now - timedelta(hours=getattr(settings, "TRACES_INBOX_RETENTION_HOURS", 24))
+    dead_cutoff = now - timedelta(days=getattr(settings, "TRACES_DEAD_RETENTION_DAYS", 7))
     deleted = 0
-    while True:
-        ids = list(IngestBatch.objects.filter(status=IngestBatch.Status.DONE, processed_at__lt=cutoff)
-                   .values_list("pk", flat=True)[:1000])
-        if not ids:
-            break
-        deleted += IngestBatch.objects.filter(pk__in=ids).delete()[0]
+    for status, cutoff in ((IngestBatch.Status.DONE, done_cutoff), (IngestBatch.Status.DEAD, dead_cutoff)):
+        while True:
+            ids = list(IngestBatch.objects.filter(status=status, processed_at__lt=cutoff)
+                       .values_list("pk", flat=True)[:1000])
+            if not ids:
+                break
+            deleted += IngestBatch.objects.filter(pk__in=ids).delete()[0]
     return {"projected": projected, "deleted": deleted}
 
 

@@ -1,6 +1,6 @@
 from celery import shared_task
 
-from . import services
+from . import housekeeping, services
 
 
 @shared_task(name="traces.inbox_project", queue="ingest", ignore_result=True)
@@ -13,3 +13,15 @@ def inbox_project(batch_id: int | None = None) -> int:
 def inbox_sweep() -> dict:
     """Beat: pick up batches whose enqueue was lost, whose worker died, or whose retry is due."""
     return services.inbox_sweep()
+
+
+@shared_task(name="traces.runs_mark_lost", ignore_result=True)
+def runs_mark_lost() -> int:
+    """Beat: RUNNING runs with no new span for TRACES_LOST_AFTER_MINUTES become LOST."""
+    return housekeeping.runs_mark_lost()
+
+
+@shared_task(name="traces.runs_purge_expired", ignore_result=True)
+def runs_purge_expired() -> dict:
+    """Beat: delete runs (and their spans) past their project's retention, in bounded chunks."""
+    return housekeeping.runs_purge_expired()

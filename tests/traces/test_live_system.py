@@ -16,7 +16,7 @@ from django.conf import settings
 from tests import http_client as http
 
 from .test_db_unavailable import _free_port
-from .test_worker_crash import _purge_ingest_queue, _test_database_url, _worker
+from .workers import purge_queue, start_worker, worker_database_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,13 +29,13 @@ pytestmark = [
 
 def test_a_run_written_over_http_is_projected_by_a_worker_without_the_sweeper(project, make_key, tmp_path):
     raw = make_key(project)[1]
-    _purge_ingest_queue()
+    purge_queue()
     port = _free_port()
-    env = {**os.environ, "DATABASE_URL": _test_database_url(), "DATA_DIR": str(tmp_path / "var")}
+    env = {**os.environ, "DATABASE_URL": worker_database_url(), "DATA_DIR": str(tmp_path / "var")}
     log = open(tmp_path / "server.log", "wb")
     server = subprocess.Popen([sys.executable, "manage.py", "serve", "--no-worker", "--port", str(port)], cwd=ROOT,
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    worker = _worker(tmp_path, "live", beat=False)  # no beat: only the enqueued task can project
+    worker = start_worker(tmp_path, "live", beat=False)  # no beat: only the enqueued task can project
     base = f"http://127.0.0.1:{port}/api/v1"
     headers = {"Authorization": f"Bearer {raw}", "Content-Type": "application/json"}
 

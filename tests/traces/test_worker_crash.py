@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -18,8 +14,8 @@ from django.db.models import Sum
 from apps.traces.models import IngestBatch, Run, Span
 
 from .helpers import accept, at, span, start
+from .workers import purge_queue, start_worker, stop_worker, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
 BATCHES, SPANS_PER_BATCH = 4, 2500
 
 pytestmark = [
@@ -27,31 +23,6 @@ pytestmark = [
     pytest.mark.skipif(not (os.environ.get("DATABASE_URL", "").startswith("postgres") and settings.REDIS_URL),
                        reason="needs PostgreSQL and Redis (a separate worker process)"),
 ]
-
-
-def _worker(tmp_path: Path, name: str, *, beat: bool) -> subprocess.Popen:
-    env = {**os.environ, "DATABASE_URL": _test_database_url(), "DATA_DIR": str(tmp_path / "var"),
-           "TRACES_LEASE_SECONDS": "4", "TRACES_SWEEP_SECONDS": "1", "TRACES_PROJECT_BATCH_LIMIT": "20"}
-    cmd = [sys.executable, "-m", "celery", "-A", "controlplane", "worker", "-Q", "ingest", "-P", "solo",
-           "--without-mingle", "--without-gossip", "-n", f"{name}@%h", "-l", "INFO"]
-    if beat:
-        cmd += ["-B", "-s", str(tmp_path / f"beat-{name}")]
-    log = open(tmp_path / f"{name}.log", "wb")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _test_database_url() -> str:
-    s = connection.settings_dict
-    return f"postgres://{s['USER']}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
-
-
-def _purge_ingest_queue() -> None:
-    from controlplane.celery import app
-    with app.connection_for_write() as conn:
-        try:
-            conn.default_channel.queue_purge("ingest")
-        except Exception:  # noqa: BLE001 - the queue may not exist yet
-            pass
 
 
 def _projection_in_flight() -> bool:
@@ -64,19 +35,10 @@ def _projection_in_flight() -> bool:
         return cursor.fetchone()[0] > 0
 
 
-def _wait(predicate, timeout: float, what: str, logs: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; logs:\n" + "\n".join(
-                p.read_text(errors="replace")[-3000:] for p in logs.glob("*.log")))
-        time.sleep(0.01)
-
-
 def test_sigkill_mid_projection_then_a_new_worker_leaves_every_span_exactly_once(project, make_key, tmp_path):
     key = make_key(project)[0]
-    _purge_ingest_queue()
-    first = _worker(tmp_path, "doomed", beat=False)
+    purge_queue()
+    first = start_worker(tmp_path, "doomed", beat=False)
     try:
         # Wait until the worker consumes (a ping through the broker would do; simplest: give it a batch).
         for b in range(BATCHES):
@@ -84,7 +46,7 @@ def test_sigkill_mid_projection_then_a_new_worker_leaves_every_span_exactly_once
                 span(f"run-{b}", span_id=f"s{i}", kind="llm", model="m", start_time=at(i % 50),
                      usage={"input_tokens": 3, "output_tokens": 2}) for i in range(SPANS_PER_BATCH)]
             accept(project, key, recs)  # acknowledged: committed in the inbox, 202 would go out now
-        _wait(_projection_in_flight, 120, "the worker to start inserting spans", tmp_path)
+        wait_for(_projection_in_flight, 120, "the worker to start inserting spans", tmp_path)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(10)
     finally:
@@ -95,16 +57,12 @@ def test_sigkill_mid_projection_then_a_new_worker_leaves_every_span_exactly_once
     assert Span.objects.count() == 0
     assert IngestBatch.objects.filter(status="processing").exists()
 
-    second = _worker(tmp_path, "rescuer", beat=True)
+    second = start_worker(tmp_path, "rescuer", beat=True)
     try:
-        _wait(lambda: IngestBatch.objects.filter(status="done").count() == BATCHES, 120,
+        wait_for(lambda: IngestBatch.objects.filter(status="done").count() == BATCHES, 120,
               "the new worker to project every batch", tmp_path)
     finally:
-        os.killpg(second.pid, signal.SIGTERM)
-        try:
-            second.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(second.pid, signal.SIGKILL)
+        stop_worker(second)
 
     assert Span.objects.count() == BATCHES * SPANS_PER_BATCH
     assert Span.objects.values("trace_id", "span_id").distinct().count() == BATCHES * SPANS_PER_BATCH

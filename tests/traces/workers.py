@@ -1,0 +1,63 @@
+"""Real Celery worker processes (with beat where asked) against the test database, for tests about
+workers. PostgreSQL and Redis only: a separate process cannot see SQLite's in-memory test database."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def worker_database_url() -> str:
+    s = connection.settings_dict
+    return f"postgres://{s['USER']}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
+def start_worker(tmp_path: Path, name: str, *, beat: bool, queues: str = "ingest",
+                 env: dict[str, str] | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "DATABASE_URL": worker_database_url(), "DATA_DIR": str(tmp_path / "var"),
+                "TRACES_LEASE_SECONDS": "4", "TRACES_SWEEP_SECONDS": "1", "TRACES_PROJECT_BATCH_LIMIT": "20",
+                **(env or {})}
+    cmd = [sys.executable, "-m", "celery", "-A", "controlplane", "worker", "-Q", queues, "-P", "solo",
+           "--without-mingle", "--without-gossip", "-n", f"{name}@%h", "-l", "INFO"]
+    if beat:
+        cmd += ["-B", "-s", str(tmp_path / f"beat-{name}")]
+    log = open(tmp_path / f"{name}.log", "wb")
+    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def wait_for(predicate, timeout: float, what: str, logs: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; logs:\n" + "\n".join(
+                p.read_text(errors="replace")[-3000:] for p in logs.glob("*.log")))
+        time.sleep(0.01)
+
+
+def purge_queue(name: str = "ingest") -> None:
+    """Drop messages a previous test left in a broker queue."""
+    from controlplane.celery import app
+    with app.connection_for_write() as conn:
+        try:
+            conn.default_channel.queue_purge(name)
+        except Exception:  # noqa: BLE001 - the queue may not exist yet
+            pass
