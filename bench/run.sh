@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# Start the system in one mode, run the REST ingest benchmark against it, stop it.
-#   bench/run.sh embedded [bench args...]   # make run: SQLite, in-process worker
-#   bench/run.sh pg [bench args...]         # make web + make worker + make beat on PostgreSQL + Redis
-# Bench args default to: --runs 200 --spans-per-run 50 --batch 50 --concurrency 8
-# Results go to bench/out/<mode>-<time>.json; server logs to bench/out/<mode>-*.log.
+# Start the system in one mode, run one ingest benchmark against it, stop it.
+#   bench/run.sh embedded [rest|otlp] [bench args...]   # make run: SQLite, in-process worker
+#   bench/run.sh pg [rest|otlp] [bench args...]         # make web + make worker + make beat on PostgreSQL + Redis
+# rest (the default) runs bench/rest_ingest.py; its args default to
+#   --runs 200 --spans-per-run 50 --batch 50 --concurrency 8
+# otlp runs ../shared/bench/otlp_load.py (OTLP_LOAD overrides the path) against /v1/traces, counting
+# stored spans straight from the database and watching the web, worker and PostgreSQL processes; its args default to
+#   --traces 2000 --spans-per-trace 10 --batch 500 --concurrency 8 --seed 1
+# WORKER_CONCURRENCY sets the worker's prefork children (pg mode). Results go to
+# bench/out/<mode>-<bench>-<time>.json, server logs to bench/out/<mode>-<bench>-<time>-*.log, and the
+# worker's RSS every 10 s to bench/out/<mode>-<bench>-<time>-rss.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?embedded or pg}; shift || true
-args=("$@"); [ ${#args[@]} -eq 0 ] && args=(--runs 200 --spans-per-run 50 --batch 50 --concurrency 8)
-out=bench/out; mkdir -p "$out"; stamp=$(date +%Y%m%dT%H%M%S)
+bench=rest
+if [ $# -gt 0 ] && { [ "$1" = rest ] || [ "$1" = otlp ]; }; then bench=$1; shift; fi
+args=("$@")
+if [ ${#args[@]} -eq 0 ]; then
+  if [ "$bench" = rest ]; then args=(--runs 200 --spans-per-run 50 --batch 50 --concurrency 8)
+  else args=(--traces 2000 --spans-per-trace 10 --batch 500 --concurrency 8 --seed 1); fi
+fi
+out=bench/out; mkdir -p "$out"; stamp=$out/$mode-$bench-$(date +%Y%m%dT%H%M%S)
 export PORT=${PORT:-8019} DATA_DIR=$(mktemp -d) ADMIN_PASSWORD=bench-admin-pw-1 DEBUG=0 SECRET_KEY=bench-secret-key-not-for-production-000000000000 \
        ALLOWED_HOSTS=127.0.0.1,localhost SECURE_SSL_REDIRECT=0 SESSION_COOKIE_SECURE=0
 pids=()
@@ -21,13 +33,27 @@ if [ "$mode" = pg ]; then
   export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db REDIS_URL=${BENCH_REDIS_URL:-redis://127.0.0.1:6379/15}  # flushed below
   redis-cli -u "$REDIS_URL" flushdb >/dev/null
   make -s migrate
-  setsid make -s web > "$out/$mode-$stamp-web.log" 2>&1 & pids+=($!)
-  setsid make -s worker > "$out/$mode-$stamp-worker.log" 2>&1 & pids+=($!)
-  setsid make -s beat > "$out/$mode-$stamp-beat.log" 2>&1 & pids+=($!)
+  setsid make -s web > "$stamp-web.log" 2>&1 & pids+=($!); web=$!
+  setsid .venv/bin/celery -A controlplane worker -Q default,ingest -l INFO --concurrency "${WORKER_CONCURRENCY:-2}" \
+    > "$stamp-worker.log" 2>&1 & pids+=($!); worker=$!
+  setsid make -s beat > "$stamp-beat.log" 2>&1 & pids+=($!)
+  monitor=(--monitor-pid "postgres=$(pgrep -o -x postgres)")
+  count_cmd="psql -h 127.0.0.1 -U postgres -d $db -tAc 'SELECT count(*) FROM traces_span'"
 else
   unset DATABASE_URL REDIS_URL
-  setsid make -s run > "$out/$mode-$stamp-run.log" 2>&1 & pids+=($!)
+  monitor=()
+  setsid make -s run > "$stamp-run.log" 2>&1 & pids+=($!); web=$!; worker=$!
+  count_cmd=".venv/bin/python -c \"import sqlite3; print(sqlite3.connect('$DATA_DIR/controlplane.sqlite3', timeout=30).execute('SELECT count(*) FROM traces_span').fetchone()[0])\""
 fi
 for _ in $(seq 1 120); do curl -sf "127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.5; done
 key=$(.venv/bin/python manage.py create_api_key --project bench --scopes ingest,read --create-project 2>/dev/null | tail -1)
-.venv/bin/python bench/rest_ingest.py --url "http://127.0.0.1:$PORT" --key "$key" --json-out "$out/$mode-$stamp.json" "${args[@]}"
+( while kill -0 "$worker" 2>/dev/null; do
+    echo "$(date +%s) $(ps -o rss= --ppid "$worker" -p "$worker" | awk '{s+=$1} END {print s}')"
+    sleep 10; done > "$stamp-rss.log" ) &
+if [ "$bench" = rest ]; then
+  .venv/bin/python bench/rest_ingest.py --url "http://127.0.0.1:$PORT" --key "$key" --json-out "$stamp.json" "${args[@]}"
+else
+  .venv/bin/python "${OTLP_LOAD:-../shared/bench/otlp_load.py}" load --url "http://127.0.0.1:$PORT/v1/traces" \
+    --header "Authorization: Bearer $key" --verify-cmd "$count_cmd" \
+    --monitor-pid "web=$web" --monitor-pid "worker=$worker" "${monitor[@]}" --json-out "$stamp.json" "${args[@]}"
+fi

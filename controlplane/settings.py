@@ -243,6 +243,10 @@ CELERY_EMBEDDED_QUEUES = ["default", "ingest", "gpu"]
 TRACES_LEASE_SECONDS = env_int("TRACES_LEASE_SECONDS", 120, minimum=1)
 TRACES_MAX_ATTEMPTS = env_int("TRACES_MAX_ATTEMPTS", 5, minimum=1)
 TRACES_PROJECT_BATCH_LIMIT = env_int("TRACES_PROJECT_BATCH_LIMIT", 20, minimum=1)
+# One projection transaction takes at most this many records (spans, updates…), at least one batch;
+# a projection task goes on claiming for up to TRACES_PROJECT_TASK_SECONDS while batches wait.
+TRACES_PROJECT_ITEM_LIMIT = env_int("TRACES_PROJECT_ITEM_LIMIT", 2000, minimum=1)
+TRACES_PROJECT_TASK_SECONDS = env_float("TRACES_PROJECT_TASK_SECONDS", 10, minimum=0)
 TRACES_INBOX_RETENTION_HOURS = env_int("TRACES_INBOX_RETENTION_HOURS", 24, minimum=1)
 TRACES_MAX_FIELD_BYTES = env_int("TRACES_MAX_FIELD_BYTES", 1024 * 1024, minimum=1024)
 # Housekeeping (beat). A RUNNING run with no new span for this many minutes becomes LOST (a later span

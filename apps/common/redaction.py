@@ -94,7 +94,7 @@ _DIGIT_RUN = re.compile(r"\d\d")
 _TRIGGERS = {
     "BEARER": lambda v: "earer" in v,
     "JWT": lambda v: "eyJ" in v,
-    "API_KEY": lambda v: any(p in v for p in _KEY_PREFIXES),
+    "API_KEY": re.compile("|".join(map(re.escape, _KEY_PREFIXES))).search,
     "EMAIL": lambda v: "@" in v or "%40" in v,
     "CARD": lambda v: _DIGIT_RUN.search(v) is not None,
     "PHONE": lambda v: _DIGIT_RUN.search(v) is not None,

@@ -5,7 +5,7 @@ Pure Python (no Django): the input is a *span view*, a plain dict decoded from O
     {"trace_id": hex32, "span_id": hex16, "parent_span_id": hex16 | "", "name": str, "kind": int,
      "start_ns": int, "end_ns": int (0 = open), "status_code": 0 unset | 1 ok | 2 error,
      "status_message": str, "attributes": {key: value}, "events": [{"name", "time_ns", "attributes"}],
-     "resource": {key: value}, "scope": str}
+     "resource": {key: value}, "scope": str, "size": int (the span's encoded size, when known)}
 
 and the output is the canonical records of ``apps.traces.records`` (``span``, ``run.start``,
 ``run.finish``). Dialects understood, current and deprecated spellings:
@@ -150,6 +150,10 @@ def _bounded(value: Any) -> Any:
     return encoded[: MAX_FIELD_CHARS // 4] + f"… [truncated {len(encoded)} characters]"
 
 
+def _as_is(value: Any) -> Any:
+    return value
+
+
 def _set_path(root: dict, parts: list[str], value: Any) -> None:
     """Set ``value`` at a dotted path inside nested dicts/lists (digits index lists)."""
     node: Any = root
@@ -275,6 +279,11 @@ def normalise_span(view: dict) -> tuple[dict, dict]:
     attrs: dict = view.get("attributes") or {}
     used: set[str] = set()
     name = view.get("name") or ""
+    # A span whose encoded size is known to be small cannot hold an oversized field: JSON takes at
+    # most 8 bytes for each protobuf byte (a control character, \u0001, is the worst at 6), so the
+    # per-field check (a json.dumps of every structured value) is skipped for it.
+    size = view.get("size")
+    bounded = _bounded if size is None or size * 8 > MAX_FIELD_CHARS else _as_is
     kind = span_kind(name, attrs)
     used.update(k for k in ("gen_ai.operation.name", "openinference.span.kind") if k in attrs)
 
@@ -353,12 +362,12 @@ def normalise_span(view: dict) -> tuple[dict, dict]:
         if arguments is None and input_value is not None:
             arguments = input_value
         if arguments is not None:
-            tool["arguments"] = _bounded(json_or_text(arguments))
+            tool["arguments"] = bounded(json_or_text(arguments))
         result = _first(attrs, ("gen_ai.tool.call.result",), used)
         if result is None and output_value is not None:
             result = output_value
         if result is not None:
-            tool["result"] = _bounded(json_or_text(result))
+            tool["result"] = bounded(json_or_text(result))
         if span["status"] == "error":
             tool["error"] = _str(view.get("status_message") or error_type or "error", 10_000)
         span["tool"] = tool
@@ -368,9 +377,9 @@ def normalise_span(view: dict) -> tuple[dict, dict]:
         if output_messages is None and output_value is not None:
             output_messages = json_or_text(output_value)
     if input_messages is not None:
-        span["input_messages"] = _bounded(input_messages)
+        span["input_messages"] = bounded(input_messages)
     if output_messages is not None:
-        span["output_messages"] = _bounded(output_messages)
+        span["output_messages"] = bounded(output_messages)
 
     details: dict[str, Any] = {}
     if kind.startswith("loop"):
@@ -429,9 +438,9 @@ def normalise_span(view: dict) -> tuple[dict, dict]:
 
     rest = {k: v for k, v in attrs.items() if k not in used}
     if rest:
-        span["attributes"] = {k: _bounded(v) for k, v in rest.items()}
+        span["attributes"] = {k: bounded(v) for k, v in rest.items()}
     if events:
-        span["events"] = _bounded(events) if len(events) > 50 else events
+        span["events"] = bounded(events) if len(events) > 50 else events
     return span, hints
 
 

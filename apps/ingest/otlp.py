@@ -222,6 +222,7 @@ def span_views(request: ExportTraceServiceRequest) -> list[dict]:
                     "start_ns": span.start_time_unix_nano, "end_ns": span.end_time_unix_nano,
                     "status_code": span.status.code, "status_message": span.status.message,
                     "attributes": attributes(span.attributes), "resource": resource, "scope": scope,
+                    "size": span.ByteSize(),
                 }
                 if span.events:
                     view["events"] = [{"name": e.name, "time_ns": e.time_unix_nano,

@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from apps.common import live
+from apps.common.bulk import insert_rows
 from apps.common.errors import ApiError, ErrorCode
 from apps.projects.models import Project
 
@@ -180,7 +182,7 @@ _SPAN_SCALARS = ("name", "kind", "start_time", "end_time", "status", "status_mes
 
 
 def span_to_record(span: Span) -> dict:
-    """A stored span back in the canonical record shape (the inverse of ``_span_from_record``)."""
+    """A stored span back in the canonical record shape (the inverse of ``_span_row``)."""
     rec: dict[str, Any] = {
         "span_id": span.span_id, "parent_span_id": span.parent_span_id, "name": span.name, "kind": span.kind,
         "start_time": span.start_time.isoformat(), "status": span.status,
@@ -223,24 +225,25 @@ def merge_span(base: dict, updates: list[dict]) -> dict:
     return out
 
 
-def _span_from_record(rec: dict, *, project_id: int, run: Run, trace_id: str, batch_id: int | None) -> Span:
+def _span_row(rec: dict, *, project_id: int, run: Run, trace_id: str, batch_id: int | None) -> dict:
+    """A span record as a Span row ({attname: value}) for ``insert_rows``."""
     usage = rec.get("usage") or {}
     stream = rec.get("stream") or {}
-    return Span(
-        project_id=project_id, run=run, trace_id=trace_id, span_id=rec["span_id"],
-        parent_span_id=rec.get("parent_span_id", ""), name=rec["name"], kind=rec["kind"],
-        start_time=parse_time(rec["start_time"]), end_time=parse_time(rec.get("end_time")),
-        status=rec.get("status", "unset"), status_message=rec.get("status_message", ""),
-        error_code=rec.get("error_code", ""), retry_of=rec.get("retry_of", ""), fallback_of=rec.get("fallback_of", ""),
-        component=rec.get("component", ""), action=rec.get("action", ""), details=rec.get("details"),
-        provider=rec.get("provider", ""), request_model=rec.get("model", ""),
-        response_model=rec.get("response_model", ""), endpoint=rec.get("endpoint", ""),
-        time_to_first_token_ms=rec.get("time_to_first_token_ms"), stream_chunks=stream.get("chunks"),
-        output_tokens_per_second=stream.get("output_tokens_per_second"),
-        input_messages=rec.get("input_messages"), output_messages=rec.get("output_messages"),
-        tool=rec.get("tool"), attributes=rec.get("attributes") or {}, events=rec.get("events") or [],
-        batch_id=batch_id, **{k: usage.get(k) for k in USAGE_KEYS},
-    )
+    return {
+        "project_id": project_id, "run_id": run.pk, "trace_id": trace_id, "span_id": rec["span_id"],
+        "parent_span_id": rec.get("parent_span_id", ""), "name": rec["name"], "kind": rec["kind"],
+        "start_time": parse_time(rec["start_time"]), "end_time": parse_time(rec.get("end_time")),
+        "status": rec.get("status", "unset"), "status_message": rec.get("status_message", ""),
+        "error_code": rec.get("error_code", ""), "retry_of": rec.get("retry_of", ""),
+        "fallback_of": rec.get("fallback_of", ""), "component": rec.get("component", ""),
+        "action": rec.get("action", ""), "details": rec.get("details"), "provider": rec.get("provider", ""),
+        "request_model": rec.get("model", ""), "response_model": rec.get("response_model", ""),
+        "endpoint": rec.get("endpoint", ""), "time_to_first_token_ms": rec.get("time_to_first_token_ms"),
+        "stream_chunks": stream.get("chunks"), "output_tokens_per_second": stream.get("output_tokens_per_second"),
+        "input_messages": rec.get("input_messages"), "output_messages": rec.get("output_messages"),
+        "tool": rec.get("tool"), "attributes": rec.get("attributes") or {}, "events": rec.get("events") or [],
+        "batch_id": batch_id, **{k: usage.get(k) for k in USAGE_KEYS},
+    }
 
 
 def _contribution(eff: dict | None) -> tuple[int, ...]:
@@ -355,8 +358,8 @@ def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: RunC
     key_run: dict[tuple[str, str], Run] = {}
 
     # 3. Apply records in order.
-    new_spans: list[Span] = []
-    update_rows: list[SpanUpdate] = []
+    new_spans: list[dict] = []
+    update_rows: list[dict] = []
     parent_refs: dict[str, str] = {}
     for batch, rec in items:
         run = runs[rec["run_id"]]
@@ -398,8 +401,8 @@ def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: RunC
                 continue  # already stored (a re-send): spans are immutable, the first one stands
             base[key] = rec["span"]
             key_run[key] = run
-            new_spans.append(_span_from_record(rec["span"], project_id=project_id, run=run, trace_id=run.trace_id,
-                                               batch_id=batch.pk))
+            new_spans.append(_span_row(rec["span"], project_id=project_id, run=run, trace_id=run.trace_id,
+                                       batch_id=batch.pk))
             changes.new_spans[run.pk].append(key[1])
         elif op == "span.update":
             key = (run.trace_id, rec["span_id"])
@@ -410,8 +413,8 @@ def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: RunC
                                                         "attributes": {"fields": sorted(rec["fields"])}}]
             new_updates[key].append(fields)
             key_run.setdefault(key, run)
-            update_rows.append(SpanUpdate(project_id=project_id, run=run, trace_id=key[0], span_id=key[1],
-                                          fields=fields, batch_id=batch.pk))
+            update_rows.append({"project_id": project_id, "run_id": run.pk, "trace_id": key[0], "span_id": key[1],
+                                "fields": fields, "batch_id": batch.pk})
             changes.updated_spans[run.pk].append(key[1])
         elif op == "run.finish":
             run.status = rec["status"]
@@ -428,16 +431,14 @@ def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: RunC
             dirty.add(run.run_id)
 
     # 4. Store the log (spans, updates), then tool calls.
-    if new_spans:
-        Span.objects.bulk_create(new_spans, batch_size=1000)
-    if update_rows:
-        SpanUpdate.objects.bulk_create(update_rows, batch_size=1000)
-    span_pk = {(s.trace_id, s.span_id): s.pk for s in new_spans}
+    span_pk = {(row["trace_id"], row["span_id"]): pk for row, pk in zip(new_spans, insert_rows(Span, new_spans),
+                                                                        strict=True)}
+    insert_rows(SpanUpdate, update_rows)
     span_pk.update({k: s.pk for k, s in stored.items()})
 
     after = {k: merge_span(base[k], prior_updates[k] + new_updates[k]) if k in base else None for k in keys}
     existing_tools = {tc.span_id: tc for tc in ToolCall.objects.filter(span_id__in=[s.pk for s in stored.values()])}
-    tools_new: list[ToolCall] = []
+    tools_new: list[dict] = []
     tools_changed: list[ToolCall] = []
     for key in keys:
         run = key_run.get(key)
@@ -477,11 +478,10 @@ def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: RunC
                         setattr(tc, k, v)
                     tools_changed.append(tc)
                 else:
-                    tools_new.append(ToolCall(project_id=project_id, run=run, span_id=pk, **values))
+                    tools_new.append({"project_id": project_id, "run_id": run.pk, "span_id": pk, **values})
         run.last_span_at = now
         dirty.add(run.run_id)
-    if tools_new:
-        ToolCall.objects.bulk_create(tools_new, batch_size=1000)
+    insert_rows(ToolCall, tools_new)
     if tools_changed:
         ToolCall.objects.bulk_update(tools_changed, ["name", "call_id", "arguments", "result", "status", "latency_ms",
                                                      "error", "started_at"])
@@ -501,16 +501,21 @@ def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: RunC
         Run.objects.bulk_update(waiting, ["parent_run"])
 
     # 6. Derived run fields, then save the runs.
+    def derived(run: Run) -> bool:
+        return run.derive_status and run.status in (Run.Status.COMPLETED, Run.Status.FAILED)
+
+    failing = _failing_spans([run.pk for run in (runs[r] for r in dirty) if (
+        run.error_span_count if derived(run) else run.status == Run.Status.FAILED and not run.failing_span_id)])
     for run_id in dirty:
         run = runs[run_id]
         if run.ended_at is not None and run.started_at is not None:
             run.duration_ms = max((run.ended_at - run.started_at).total_seconds() * 1000, 0.0)
-        if run.derive_status and run.status in (Run.Status.COMPLETED, Run.Status.FAILED):
+        if derived(run):
             # The root ended OK (OTLP): the run failed if an error inside it was never recovered.
-            run.failing_span_id = _failing_span(run) if run.error_span_count else ""
+            run.failing_span_id = failing.get(run.pk, "")
             run.status = Run.Status.FAILED if run.failing_span_id else Run.Status.COMPLETED
         elif run.status == Run.Status.FAILED and not run.failing_span_id:
-            run.failing_span_id = _failing_span(run)
+            run.failing_span_id = failing[run.pk]
         run.updated_at = now
         changes.runs[run.pk] = run
     if dirty:
@@ -537,25 +542,33 @@ def _save_runs(runs: list[Run]) -> None:
         cursor.executemany(sql, rows)
 
 
-def _failing_span(run: Run) -> str:
-    """The latest error span of a run that no retry or fallback recovered ('' if none)."""
-    spans = {s.span_id: s for s in Span.objects.filter(run=run).filter(
-        Q(status="error") | ~Q(retry_of="") | ~Q(fallback_of=""))}
-    updates: dict[str, list[dict]] = defaultdict(list)
-    for span_id, fields in SpanUpdate.objects.filter(run=run).order_by("id").values_list("span_id", "fields"):
-        updates[span_id].append(fields)
-    if updates:
-        for s in Span.objects.filter(run=run, span_id__in=list(updates)).exclude(pk__in=[s.pk for s in spans.values()]):
-            spans[s.span_id] = s
-    eff = {sid: merge_span(span_to_record(s), updates.get(sid, [])) for sid, s in spans.items()}
-    recovered = {e.get("retry_of") or e.get("fallback_of") for e in eff.values()
-                 if (e.get("retry_of") or e.get("fallback_of")) and e.get("status") != "error"}
-    failed = [e for sid, e in eff.items() if e.get("status") == "error" and sid not in recovered]
-    if not failed:
-        return ""
-    # A failed root only reports what failed inside it: name the inner error when there is one.
-    failed = [e for e in failed if e.get("parent_span_id")] or failed
-    return max(failed, key=lambda e: (e.get("end_time") or e["start_time"]))["span_id"]
+def _failing_spans(run_pks: list[int]) -> dict[int, str]:
+    """Per run, the latest error span that no retry or fallback recovered ('' if none). Three queries
+    for all the runs together (the spans that matter, their late updates, the spans only updates name)."""
+    if not run_pks:
+        return {}
+    spans: dict[int, dict[str, Span]] = defaultdict(dict)
+    for s in Span.objects.filter(run_id__in=run_pks).filter(Q(status="error") | ~Q(retry_of="") | ~Q(fallback_of="")):
+        spans[s.run_id][s.span_id] = s
+    updates: dict[tuple[int, str], list[dict]] = defaultdict(list)
+    for run_pk, span_id, fields in (SpanUpdate.objects.filter(run_id__in=run_pks).order_by("id")
+                                    .values_list("run_id", "span_id", "fields")):
+        updates[(run_pk, span_id)].append(fields)
+    unseen = {(r, sid) for r, sid in updates if sid not in spans[r]}
+    if unseen:
+        for s in Span.objects.filter(run_id__in={r for r, _ in unseen}, span_id__in={sid for _, sid in unseen}):
+            if (s.run_id, s.span_id) in unseen:
+                spans[s.run_id][s.span_id] = s
+    out = {}
+    for run_pk in run_pks:
+        eff = {sid: merge_span(span_to_record(s), updates.get((run_pk, sid), [])) for sid, s in spans[run_pk].items()}
+        recovered = {e.get("retry_of") or e.get("fallback_of") for e in eff.values()
+                     if (e.get("retry_of") or e.get("fallback_of")) and e.get("status") != "error"}
+        failed = [e for sid, e in eff.items() if e.get("status") == "error" and sid not in recovered]
+        # A failed root only reports what failed inside it: name the inner error when there is one.
+        failed = [e for e in failed if e.get("parent_span_id")] or failed
+        out[run_pk] = max(failed, key=lambda e: (e.get("end_time") or e["start_time"]))["span_id"] if failed else ""
+    return out
 
 
 def _redactors(project_ids) -> dict[int, Any]:
@@ -583,7 +596,10 @@ def _project(batches: list[IngestBatch], changes: RunChanges) -> None:
         error_code="", error="")
 
 
-def _claim(batch_id: int | None, limit: int) -> list[IngestBatch]:
+def _claim(batch_id: int | None, limit: int, item_limit: int | None = None) -> list[IngestBatch]:
+    """Lease up to ``limit`` batches holding up to ``item_limit`` records together (at least one batch):
+    ``batch_id`` first, then the oldest claimable. Small transactions keep every worker busy to the end."""
+    item_limit = item_limit or getattr(settings, "TRACES_PROJECT_ITEM_LIMIT", 2000)
     now = timezone.now()
     claimable = IngestBatch.objects.filter(
         Q(status=IngestBatch.Status.PENDING, not_before__isnull=True)
@@ -591,12 +607,20 @@ def _claim(batch_id: int | None, limit: int) -> list[IngestBatch]:
         | Q(status=IngestBatch.Status.PROCESSING, lease_expires_at__lt=now)
     )
     with transaction.atomic():
-        ids: list[int] = []
+        found: list[tuple[int, int]] = []
         if batch_id is not None:
-            ids = list(claimable.filter(pk=batch_id).select_for_update(skip_locked=True).values_list("pk", flat=True))
-        if len(ids) < limit:
-            ids += list(claimable.exclude(pk__in=ids).order_by("id").select_for_update(skip_locked=True)
-                        .values_list("pk", flat=True)[: limit - len(ids)])
+            found = list(claimable.filter(pk=batch_id).select_for_update(skip_locked=True)
+                         .values_list("pk", "item_count"))
+        if len(found) < limit:
+            found += list(claimable.exclude(pk__in=[pk for pk, _ in found]).order_by("id")
+                          .select_for_update(skip_locked=True).values_list("pk", "item_count")[: limit - len(found)])
+        ids: list[int] = []
+        items = 0
+        for pk, count in found:
+            if ids and items + count > item_limit:
+                break
+            ids.append(pk)
+            items += count
         if not ids:
             return []
         IngestBatch.objects.filter(pk__in=ids).update(status=IngestBatch.Status.PROCESSING,
@@ -670,6 +694,18 @@ def inbox_project(*, batch_id: int | None = None, limit: int | None = None) -> i
     return len(batches)
 
 
+def inbox_drain(*, batch_id: int | None = None, budget_seconds: float) -> int:
+    """Project claim after claim (``batch_id`` in the first) until nothing is claimable or the budget is
+    spent. Returns how many batches it claimed. Every worker drains side by side (claims skip locked
+    batches), so a burst is shared out in small transactions rather than left to the sweeper."""
+    deadline = time.monotonic() + budget_seconds
+    total = n = inbox_project(batch_id=batch_id)
+    while n and time.monotonic() < deadline:
+        n = inbox_project()
+        total += n
+    return total
+
+
 def _run_summary(run: Run) -> dict:
     return {
         "id": run.run_id, "status": run.status, "agent": run.agent_name, "end_user": run.end_user,
@@ -706,13 +742,7 @@ def inbox_sweep() -> dict[str, int]:
     """Beat task body: project whatever is claimable (lost enqueues, expired leases, retries due),
     delete projected batches older than the idempotency window and dead ones (which keep their
     payload for inspection) after TRACES_DEAD_RETENTION_DAYS."""
-    projected = 0
-    deadline = timezone.now() + timedelta(seconds=getattr(settings, "TRACES_SWEEP_BUDGET_SECONDS", 30))
-    while timezone.now() < deadline:
-        n = inbox_project()
-        if not n:
-            break
-        projected += n
+    projected = inbox_drain(budget_seconds=getattr(settings, "TRACES_SWEEP_BUDGET_SECONDS", 30))
     now = timezone.now()
     done_cutoff = now - timedelta(hours=getattr(settings, "TRACES_INBOX_RETENTION_HOURS", 24))
     dead_cutoff = now - timedelta(days=getattr(settings, "TRACES_DEAD_RETENTION_DAYS", 7))

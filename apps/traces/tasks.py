@@ -1,12 +1,14 @@
 from celery import shared_task
+from django.conf import settings
 
 from . import housekeeping, services
 
 
 @shared_task(name="traces.inbox_project", queue="ingest", ignore_result=True)
 def inbox_project(batch_id: int | None = None) -> int:
-    """Project accepted batches into runs, spans and tool calls (see services.inbox_project)."""
-    return services.inbox_project(batch_id=batch_id)
+    """Project accepted batches into runs, spans and tool calls, this one first, then whatever else is
+    waiting for up to TRACES_PROJECT_TASK_SECONDS (see services.inbox_drain)."""
+    return services.inbox_drain(batch_id=batch_id, budget_seconds=settings.TRACES_PROJECT_TASK_SECONDS)
 
 
 @shared_task(name="traces.inbox_sweep", queue="ingest", ignore_result=True)

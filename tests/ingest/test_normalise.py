@@ -121,3 +121,51 @@ def test_oversized_value_is_cut_visibly_not_dropped():
     span, _ = normalise_span(view({"gen_ai.operation.name": "chat", "gen_ai.input.messages": "x" * 3_000_000}))
     assert span["input_messages"].endswith("[truncated 3000000 characters]")
     assert len(span["input_messages"]) < 300_000
+
+
+def test_the_size_shortcut_never_lets_an_oversized_field_through():
+    """Spans small enough to skip the per-field check (encoded size x 8 under the limit) normalise exactly
+    as with the check, for the worst expansions of protobuf into JSON; larger ones are checked and cut."""
+    from apps.ingest import normalise, otlp
+
+    from .builders import request, span, trace_id
+
+    limit = normalise.MAX_FIELD_CHARS
+
+    def view_of(values: dict) -> dict:
+        (view,) = otlp.span_views(request(span(trace_id(), attributes=values)))
+        return view
+
+    def at_the_edge(make) -> dict:
+        """A make(n) within 1% of the largest that still takes the shortcut (sizes grow about linearly)."""
+        n = 1000
+        for _ in range(10):
+            size = view_of(make(n))["size"] * 8
+            if 0.99 * limit < size <= limit:
+                return make(n)
+            n = int(n * limit / size * 0.995)
+        raise AssertionError("no edge found")
+
+    shortcut = [
+        at_the_edge(lambda n: {"custom.map": {"k": "\x01" * n}}),                 # control characters: \u0001
+        at_the_edge(lambda n: {"custom.list": [""] * n}),                         # empty strings
+        at_the_edge(lambda n: {"custom.flags": [False] * n}),                     # false, false, ...
+        at_the_edge(lambda n: {"custom.map": {str(i): "" for i in range(n)}}),    # short keys, empty values
+        at_the_edge(lambda n: {"custom.floats": [-1.2345678901234567e-300] * n}),  # doubles at their longest
+        at_the_edge(lambda n: {"gen_ai.input.messages": '[{"role": "user", "content": "' + "\\u0001" * n + '"}]'}),
+    ]
+    checked = [
+        {"custom.flags": [False] * (limit // 6)},                                   # over the shortcut: cut
+        {"gen_ai.input.messages": "x" * 3_000_000},                                 # oversized text: cut
+    ]
+    results = []
+    for values in shortcut + checked:
+        view = view_of(values)
+        assert (view["size"] * 8 <= limit) == (values in shortcut)
+        fast, _ = normalise_span(view)
+        slow, _ = normalise_span({k: v for k, v in view.items() if k != "size"})
+        assert fast == slow, list(values)
+        results.append(fast)
+    assert results[0]["attributes"]["custom.map"]["k"].startswith("\x01\x01")
+    assert "truncated" in results[-2]["attributes"]["custom.flags"][-100:]
+    assert "truncated" in results[-1]["input_messages"][-100:]

@@ -280,3 +280,29 @@ def test_an_unreachable_channel_layer_never_fails_projection(project, key):
         assert Run.objects.get().span_count == 1
     finally:
         channel_layers.backends.clear()
+
+
+def test_a_claim_stops_at_the_item_limit_and_a_task_drains_claim_after_claim(project, key, settings):
+    settings.TRACES_PROJECT_ITEM_LIMIT = 5
+    batches = [accept(project, key, [start(f"r{i}"), span(f"r{i}", span_id="s1"), span(f"r{i}", span_id="s2")])
+               for i in range(4)]
+    assert len(batches) == 4
+    # 3 records per batch: one batch fills 3 of 5, a second would make 6, so each claim takes one ...
+    claimed = services._claim(None, 10)
+    assert [b.item_count for b in claimed] == [3]
+    # ... but never less than one batch, however large.
+    settings.TRACES_PROJECT_ITEM_LIMIT = 1
+    assert len(services._claim(None, 10)) == 1
+    settings.TRACES_PROJECT_ITEM_LIMIT = 6
+    assert len(services._claim(None, 10)) == 2
+    IngestBatch.objects.update(status="pending", lease_expires_at=None)
+    # The task body goes on claiming until nothing is left (within its time budget).
+    settings.TRACES_PROJECT_ITEM_LIMIT = 3
+    assert services.inbox_drain(budget_seconds=60) == 4
+    assert IngestBatch.objects.filter(status="done").count() == 4 and Span.objects.count() == 8
+    # A spent budget still projects the first claim: a task never does nothing.
+    settings.TRACES_PROJECT_ITEM_LIMIT = 1
+    accept(project, key, [start("late")])
+    accept(project, key, [start("later")])
+    assert services.inbox_drain(budget_seconds=0) == 1
+    assert services.inbox_drain(budget_seconds=0) == 1
