@@ -5,7 +5,8 @@
 # rest (the default) runs bench/rest_ingest.py; its args default to
 #   --runs 200 --spans-per-run 50 --batch 50 --concurrency 8
 # otlp runs ../shared/bench/otlp_load.py (OTLP_LOAD overrides the path) against /v1/traces, counting
-# stored spans straight from the database and watching the web, worker and PostgreSQL processes; its args default to
+# stored spans straight from the database (bench/span_counter.py, one connection) and watching the web,
+# worker and PostgreSQL processes; its args default to
 #   --traces 2000 --spans-per-trace 10 --batch 500 --concurrency 8 --seed 1
 # WORKER_CONCURRENCY sets the worker's prefork children (pg mode). Results go to
 # bench/out/<mode>-<bench>-<time>.json, server logs to bench/out/<mode>-<bench>-<time>-*.log, and the
@@ -27,6 +28,13 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill -INT -- "-$p" 2>/dev/null || true; done; sleep 2;
             for p in "${pids[@]}"; do kill -KILL -- "-$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
+# Busy CPU seconds of the whole machine, and of PostgreSQL's exited backends (the postmaster's
+# children times: a per-process monitor misses backends that come and go).
+cpu_seconds() {
+  awk '/^cpu /{printf "%.2f ", ($2+$3+$4+$7+$8)/100}' /proc/stat
+  if [ "$mode" = pg ]; then awk '{printf "%.2f\n", ($14+$15+$16+$17)/100}' "/proc/$(pgrep -o -x postgres)/stat"
+  else echo 0; fi
+}
 if [ "$mode" = pg ]; then
   db=controlplane_bench
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
@@ -37,13 +45,9 @@ if [ "$mode" = pg ]; then
   setsid .venv/bin/celery -A controlplane worker -Q default,ingest -l INFO --concurrency "${WORKER_CONCURRENCY:-2}" \
     > "$stamp-worker.log" 2>&1 & pids+=($!); worker=$!
   setsid make -s beat > "$stamp-beat.log" 2>&1 & pids+=($!)
-  monitor=(--monitor-pid "postgres=$(pgrep -o -x postgres)")
-  count_cmd="psql -h 127.0.0.1 -U postgres -d $db -tAc 'SELECT count(*) FROM traces_span'"
 else
   unset DATABASE_URL REDIS_URL
-  monitor=()
   setsid make -s run > "$stamp-run.log" 2>&1 & pids+=($!); web=$!; worker=$!
-  count_cmd=".venv/bin/python -c \"import sqlite3; print(sqlite3.connect('$DATA_DIR/controlplane.sqlite3', timeout=30).execute('SELECT count(*) FROM traces_span').fetchone()[0])\""
 fi
 for _ in $(seq 1 120); do curl -sf "127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.5; done
 key=$(.venv/bin/python manage.py create_api_key --project bench --scopes ingest,read --create-project 2>/dev/null | tail -1)
@@ -53,7 +57,15 @@ key=$(.venv/bin/python manage.py create_api_key --project bench --scopes ingest,
 if [ "$bench" = rest ]; then
   .venv/bin/python bench/rest_ingest.py --url "http://127.0.0.1:$PORT" --key "$key" --json-out "$stamp.json" "${args[@]}"
 else
+  setsid .venv/bin/python bench/span_counter.py --database "${DATABASE_URL:-sqlite:///$DATA_DIR/controlplane.sqlite3}" \
+    --out "$stamp.count" & pids+=($!)
+  for _ in $(seq 1 50); do [ -s "$stamp.count" ] && break; sleep 0.1; done
+  cpu_before=$(cpu_seconds)
   .venv/bin/python "${OTLP_LOAD:-../shared/bench/otlp_load.py}" load --url "http://127.0.0.1:$PORT/v1/traces" \
-    --header "Authorization: Bearer $key" --verify-cmd "$count_cmd" \
-    --monitor-pid "web=$web" --monitor-pid "worker=$worker" "${monitor[@]}" --json-out "$stamp.json" "${args[@]}"
+    --header "Authorization: Bearer $key" --verify-cmd "cat $stamp.count" \
+    --monitor-pid "web=$web" --monitor-pid "worker=$worker" --json-out "$stamp.json" "${args[@]}"
+  cleanup; trap - EXIT
+  read -r busy pg <<< "$(cpu_seconds)"; read -r busy0 pg0 <<< "$cpu_before"
+  echo "CPU seconds from the first request until the system stopped: machine $(echo "$busy - $busy0" | bc)," \
+       "PostgreSQL $(echo "$pg - $pg0" | bc) (its backends are counted as they exit)" | tee "$stamp-cpu.txt"
 fi

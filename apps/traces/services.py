@@ -581,8 +581,21 @@ def _redactors(project_ids) -> dict[int, Any]:
     return out
 
 
+def _commit_without_flush() -> None:
+    """Let the current transaction commit without waiting for its WAL flush (PostgreSQL).
+
+    Safe for the projection and its claims, and only for them: the accepted batch is already durable
+    (its INSERT commits normally), so a crash that loses a projection's last commits loses nothing but
+    the work, and the batch's lease expires and it is projected again. It saves a disk flush wait per
+    transaction on the worker's path."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL synchronous_commit TO OFF")
+
+
 def _project(batches: list[IngestBatch], changes: RunChanges) -> None:
     """Decode, redact and apply the batches; nothing unredacted reaches Run / Span / ToolCall."""
+    _commit_without_flush()
     by_project: dict[int, list[tuple[IngestBatch, dict]]] = defaultdict(list)
     redactors = _redactors(b.project_id for b in batches)
     for batch in batches:
@@ -607,6 +620,7 @@ def _claim(batch_id: int | None, limit: int, item_limit: int | None = None) -> l
         | Q(status=IngestBatch.Status.PROCESSING, lease_expires_at__lt=now)
     )
     with transaction.atomic():
+        _commit_without_flush()
         found: list[tuple[int, int]] = []
         if batch_id is not None:
             found = list(claimable.filter(pk=batch_id).select_for_update(skip_locked=True)

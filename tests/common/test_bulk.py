@@ -36,3 +36,20 @@ def test_rows_are_stored_as_a_save_would_store_them_and_their_keys_come_back_in_
     # The sequence moved past the keys drawn: an ordinary insert after it does not collide.
     c = Span.objects.create(project=project, run=run, trace_id="t" * 32, span_id="c", name="x", start_time=now)
     assert c.pk > pks[1]
+
+
+def test_large_values_are_stored_without_pglz_on_postgresql(project):
+    """Migration traces 0006: inbox payloads out of line uncompressed, content JSON with lz4."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("PostgreSQL storage settings")
+    with connection.cursor() as cursor:
+        cursor.execute("""SELECT attrelid::regclass::text, attname, attstorage, attcompression FROM pg_attribute
+                          WHERE (attrelid, attname) IN (('traces_ingestbatch'::regclass, 'raw'),
+                                                        ('traces_span'::regclass, 'input_messages'),
+                                                        ('traces_toolcall'::regclass, 'result'))""")
+        rows = {(table, column): (storage, compression) for table, column, storage, compression in cursor.fetchall()}
+    assert rows[("traces_ingestbatch", "raw")][0] == "e"
+    assert rows[("traces_span", "input_messages")][1] == "l"
+    assert rows[("traces_toolcall", "result")][1] == "l"
