@@ -73,6 +73,7 @@ MESSAGE_EVENTS = {"gen_ai.system.message": "system", "gen_ai.user.message": "use
 LOOP_PREFIX = "tangle.loop."
 MAX_FIELD_CHARS = 1024 * 1024
 
+_INDEXED_PREFIXES = ("llm.input_messages.", "llm.output_messages.", "gen_ai.prompt.", "gen_ai.completion.")
 _INDEXED = re.compile(r"^(llm\.input_messages|llm\.output_messages|gen_ai\.prompt|gen_ai\.completion)\.(\d+)\.(.+)$")
 
 
@@ -81,6 +82,8 @@ def iso(ns: int) -> str:
 
 
 def _first(attrs: dict, names: tuple[str, ...], used: set[str]) -> Any:
+    if attrs.keys().isdisjoint(names):  # the usual case, settled in C
+        return None
     for i, name in enumerate(names):
         value = attrs.get(name)
         if value is not None and value != "":
@@ -185,7 +188,7 @@ def _indexed_messages(attrs: dict, used: set[str]) -> dict[str, list]:
     """Flattened message lists (``llm.input_messages.0.message.role``, ``gen_ai.prompt.0.content``)."""
     out: dict[str, dict[int, dict]] = {}
     for key, value in attrs.items():
-        m = _INDEXED.match(key)
+        m = _INDEXED.match(key) if key.startswith(_INDEXED_PREFIXES) else None
         if not m:
             continue
         used.add(key)

@@ -53,3 +53,15 @@ def test_large_values_are_stored_without_pglz_on_postgresql(project):
     assert rows[("traces_ingestbatch", "raw")][0] == "e"
     assert rows[("traces_span", "input_messages")][1] == "l"
     assert rows[("traces_toolcall", "result")][1] == "l"
+
+
+def test_a_row_naming_no_column_is_refused_before_anything_is_written(project):
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("bulk_create refuses it in its own words")
+    run = Run.objects.create(project=project, run_id="r1", trace_id="t" * 32, started_at=timezone.now())
+    with pytest.raises(ValueError, match="'run'"):
+        insert_rows(Span, [{"project_id": project.pk, "run": run, "trace_id": "t", "span_id": "a", "name": "x",
+                            "start_time": timezone.now()}])
+    assert not Span.objects.exists()
