@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from django.db import transaction
 from django.utils import timezone
 
 from apps.common.bulk import insert_rows
@@ -56,12 +57,64 @@ def test_large_values_are_stored_without_pglz_on_postgresql(project):
 
 
 def test_a_row_naming_no_column_is_refused_before_anything_is_written(project):
-    from django.db import connection
-
-    if connection.vendor != "postgresql":
-        pytest.skip("bulk_create refuses it in its own words")
     run = Run.objects.create(project=project, run_id="r1", trace_id="t" * 32, started_at=timezone.now())
     with pytest.raises(ValueError, match="'run'"):
         insert_rows(Span, [{"project_id": project.pk, "run": run, "trace_id": "t", "span_id": "a", "name": "x",
                             "start_time": timezone.now()}])
     assert not Span.objects.exists()
+
+
+def test_rows_already_held_by_a_unique_constraint_are_skipped_and_the_rest_inserted(project):
+    from apps.common.bulk import insert_rows_ignoring_conflicts
+
+    now = timezone.now()
+    Run.objects.create(project=project, run_id="taken", trace_id="a" * 32, started_at=now, end_user="first")
+    insert_rows_ignoring_conflicts(Run, [
+        {"project_id": project.pk, "run_id": "taken", "trace_id": "b" * 32, "started_at": now, "end_user": "second"},
+        {"project_id": project.pk, "run_id": "new", "trace_id": "c" * 32, "started_at": now, "status": "running"},
+    ])
+    assert Run.objects.get(run_id="taken").end_user == "first"
+    new = Run.objects.get(run_id="new")
+    assert (new.trace_id, new.status, new.metadata, new.models_used, new.span_count) == ("c" * 32, "running", {}, [], 0)
+    assert new.created_at is not None
+    insert_rows_ignoring_conflicts(Run, [])  # nothing to do
+    with pytest.raises(ValueError, match="'nope'"):
+        insert_rows_ignoring_conflicts(Run, [{"project_id": project.pk, "nope": 1}])
+
+
+def test_objects_are_updated_field_by_field_with_their_types_kept(project):
+    from decimal import Decimal
+
+    from django.db import DataError
+
+    from apps.common.bulk import update_objects
+
+    now = timezone.now()
+    runs = [Run.objects.create(project=project, run_id=f"r{i}", trace_id=f"{i}" * 32, started_at=now) for i in range(3)]
+    runs[0].metadata, runs[0].input_tokens, runs[0].ended_at = {"k": ["v", 1, None]}, 12, now
+    runs[1].output, runs[1].cost_usd, runs[1].derive_status, runs[1].duration_ms = None, Decimal("0.12345678"), True, 1.5
+    runs[2].agent_name, runs[2].parent_run = "agent 'quoted' \\ \t", runs[0]
+    update_objects(Run, list(reversed(runs)), ["metadata", "input_tokens", "ended_at", "output", "cost_usd",
+                                               "derive_status", "duration_ms", "agent_name", "parent_run"])
+    a, b, c = (Run.objects.get(pk=r.pk) for r in runs)
+    assert (a.metadata, a.input_tokens, a.ended_at) == ({"k": ["v", 1, None]}, 12, now)
+    assert (b.output, b.cost_usd, b.derive_status, b.duration_ms) == (None, Decimal("0.12345678"), True, 1.5)
+    assert (c.agent_name, c.parent_run_id) == ("agent 'quoted' \\ \t", a.pk)
+    assert (a.agent_name, b.metadata, c.input_tokens) == ("", {}, 0)  # fields not named stay as they were
+    from django.db import connection
+
+    if connection.vendor == "postgresql":  # SQLite keeps any length
+        runs[0].agent_name = "x" * 201  # max_length 200: refused, never cut
+        with pytest.raises(DataError), transaction.atomic():
+            update_objects(Run, [runs[0]], ["agent_name"])
+
+
+def test_any_of_matches_members_and_nothing_for_an_empty_list(project):
+    now = timezone.now()
+    for i in range(3):
+        Run.objects.create(project=project, run_id=f"r{i}", trace_id=f"{i}" * 32, started_at=now)
+    assert sorted(Run.objects.filter(run_id__any_of=["r0", "r2", "zz", "r0"]).values_list("run_id", flat=True)) == [
+        "r0", "r2"]
+    assert sorted(Run.objects.filter(run_id__any_of={"r1"}).values_list("run_id", flat=True)) == ["r1"]
+    assert not Run.objects.filter(run_id__any_of=[]).exists()
+    assert Run.objects.exclude(run_id__any_of=["r1"]).count() == 2
