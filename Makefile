@@ -5,6 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+WORKER_NICE ?= 10
 
 .PHONY: run web worker otlp-grpc beat migrate test lint demo clean
 
@@ -25,8 +26,11 @@ run: migrate
 web: migrate
 	exec $(PY) manage.py serve --host 0.0.0.0 --no-worker
 
+## The worker yields the CPU to the web process (WORKER_NICE, default 10): clients wait on accepts,
+## nobody waits on a projection a few milliseconds later. WORKER_CONCURRENCY: prefork children.
 worker: $(STAMP)
-	exec $(VENV)/bin/celery -A controlplane worker -Q default,ingest -l INFO
+	exec nice -n $(WORKER_NICE) $(VENV)/bin/celery -A controlplane worker -Q default,ingest -l INFO \
+		$(if $(WORKER_CONCURRENCY),--concurrency $(WORKER_CONCURRENCY))
 
 otlp-grpc: migrate
 	exec $(PY) manage.py otlp_grpc --host 0.0.0.0

@@ -8,7 +8,9 @@
 # stored spans straight from the database (bench/span_counter.py, one connection) and watching the web,
 # worker and PostgreSQL processes; its args default to
 #   --traces 2000 --spans-per-trace 10 --batch 500 --concurrency 8 --seed 1
-# WORKER_CONCURRENCY sets the worker's prefork children (pg mode). Results go to
+# The worker runs as `make worker` runs it (nice WORKER_NICE, default 10); WORKER_CONCURRENCY sets its
+# prefork children (pg mode); SPAN_COUNT_INTERVAL how often stored
+# spans are counted (0.2 s; count(*) grows with the table, so use more for long runs). Results go to
 # bench/out/<mode>-<bench>-<time>.json, server logs to bench/out/<mode>-<bench>-<time>-*.log, and the
 # worker's RSS every 10 s to bench/out/<mode>-<bench>-<time>-rss.log.
 set -euo pipefail
@@ -42,7 +44,7 @@ if [ "$mode" = pg ]; then
   redis-cli -u "$REDIS_URL" flushdb >/dev/null
   make -s migrate
   setsid make -s web > "$stamp-web.log" 2>&1 & pids+=($!); web=$!
-  setsid .venv/bin/celery -A controlplane worker -Q default,ingest -l INFO --concurrency "${WORKER_CONCURRENCY:-2}" \
+  setsid nice -n "${WORKER_NICE:-10}" .venv/bin/celery -A controlplane worker -Q default,ingest -l INFO --concurrency "${WORKER_CONCURRENCY:-2}" \
     > "$stamp-worker.log" 2>&1 & pids+=($!); worker=$!
   setsid make -s beat > "$stamp-beat.log" 2>&1 & pids+=($!)
 else
@@ -58,7 +60,7 @@ if [ "$bench" = rest ]; then
   .venv/bin/python bench/rest_ingest.py --url "http://127.0.0.1:$PORT" --key "$key" --json-out "$stamp.json" "${args[@]}"
 else
   setsid .venv/bin/python bench/span_counter.py --database "${DATABASE_URL:-sqlite:///$DATA_DIR/controlplane.sqlite3}" \
-    --out "$stamp.count" & pids+=($!)
+    --out "$stamp.count" --interval "${SPAN_COUNT_INTERVAL:-0.2}" & pids+=($!)
   for _ in $(seq 1 50); do [ -s "$stamp.count" ] && break; sleep 0.1; done
   cpu_before=$(cpu_seconds)
   .venv/bin/python "${OTLP_LOAD:-../shared/bench/otlp_load.py}" load --url "http://127.0.0.1:$PORT/v1/traces" \

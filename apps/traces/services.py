@@ -305,6 +305,24 @@ def _decode(batch: IngestBatch) -> list[dict]:
     return records
 
 
+def _by_span_keys(model: type[Span] | type[SpanUpdate], project_id: int, keys: set[tuple[str, str]]) -> list:
+    """The rows of ``model`` (Span or SpanUpdate) for these (trace id, span id) pairs, in id order.
+
+    On PostgreSQL the pairs are joined as two arrays unnested side by side: one index probe per pair.
+    (``trace_id IN (…) AND span_id IN (…)`` makes the btree walk every trace id x span id combination:
+    4 s for 400 traces x 4,000 spans on a table of a million spans.)"""
+    if connection.vendor == "postgresql":
+        table = connection.ops.quote_name(model._meta.db_table)
+        pairs = sorted(keys)
+        return list(model.objects.raw(
+            f"SELECT r.* FROM {table} r JOIN unnest(%s::varchar[], %s::varchar[]) AS k(trace_id, span_id) "
+            f"ON r.trace_id = k.trace_id AND r.span_id = k.span_id WHERE r.project_id = %s ORDER BY r.id",
+            [[t for t, _ in pairs], [sp for _, sp in pairs], project_id]))
+    rows = model.objects.filter(project_id=project_id, trace_id__any_of={t for t, _ in keys},
+                                span_id__any_of={sp for _, sp in keys}).order_by("id")
+    return [row for row in rows if (row.trace_id, row.span_id) in keys]
+
+
 def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: RunChanges) -> None:
     """Apply one project's records (in arrival order) inside the caller's transaction."""
     now = timezone.now()
@@ -343,16 +361,10 @@ def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: RunC
     stored: dict[tuple[str, str], Span] = {}
     prior_updates: dict[tuple[str, str], list[dict]] = defaultdict(list)
     if keys:
-        trace_ids = {k[0] for k in keys}
-        span_ids = {k[1] for k in keys}
-        for span in Span.objects.filter(project_id=project_id, trace_id__any_of=trace_ids, span_id__any_of=span_ids):
-            if (span.trace_id, span.span_id) in keys:
-                stored[(span.trace_id, span.span_id)] = span
-        for upd in (SpanUpdate.objects.filter(project_id=project_id, trace_id__any_of=trace_ids,
-                                              span_id__any_of=span_ids)
-                    .order_by("id").values_list("trace_id", "span_id", "fields")):
-            if (upd[0], upd[1]) in keys:
-                prior_updates[(upd[0], upd[1])].append(upd[2])
+        for span in _by_span_keys(Span, project_id, keys):
+            stored[(span.trace_id, span.span_id)] = span
+        for upd in _by_span_keys(SpanUpdate, project_id, keys):
+            prior_updates[(upd.trace_id, upd.span_id)].append(upd.fields)
     base: dict[tuple[str, str], dict] = {k: span_to_record(s) for k, s in stored.items()}
     before = {k: merge_span(base[k], prior_updates[k]) if k in base else None for k in keys}
     new_updates: dict[tuple[str, str], list[dict]] = defaultdict(list)
