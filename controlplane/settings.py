@@ -153,6 +153,8 @@ CELERY_BEAT_SCHEDULE: dict = {
                          "schedule": env_int("TRACES_LOST_SWEEP_SECONDS", 60, minimum=1)},
     "traces-retention": {"task": "traces.runs_purge_expired",
                          "schedule": env_int("TRACES_RETENTION_SWEEP_SECONDS", 600, minimum=1)},
+    "traces-stats-refresh": {"task": "traces.stats_refresh",
+                             "schedule": env_int("TRACES_STATS_SWEEP_SECONDS", 60, minimum=1)},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 

@@ -27,3 +27,9 @@ def runs_mark_lost() -> int:
 def runs_purge_expired() -> dict:
     """Beat: delete runs (and their spans) past their project's retention, in bounded chunks."""
     return housekeeping.runs_purge_expired()
+
+
+@shared_task(name="traces.stats_refresh", ignore_result=True)
+def stats_refresh() -> list:
+    """Beat: with autovacuum off, ANALYZE the run log's tables whose statistics went stale."""
+    return housekeeping.stats_refresh()

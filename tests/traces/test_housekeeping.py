@@ -288,3 +288,37 @@ def test_a_real_worker_with_beat_marks_lost_and_purges(project, key, tmp_path):
         stop_worker(worker)
     assert Span.objects.aggregate(n=Sum("input_tokens"))["n"] == 5  # only "live" is left
     assert AuditEvent.objects.filter(action="traces.retention_purged").count() == 1
+
+
+def test_stale_tables_follow_autoanalyzes_rule():
+    from apps.traces.housekeeping import stale_tables
+
+    counts = [("traces_span", 1_051, 10_000), ("traces_run", 1_050, 10_000), ("traces_toolcall", 51, -1),
+              ("traces_spanupdate", 0, 0)]
+    # threshold 50 + 10% of the rows (a never-analyzed table counts -1 rows: as empty)
+    assert stale_tables(counts, 50, 0.1) == ["traces_span", "traces_toolcall"]
+    assert stale_tables(counts, 50, 0.1, force=True) == ["traces_run", "traces_span", "traces_spanupdate",
+                                                           "traces_toolcall"]
+
+
+def test_stats_refresh_analyzes_the_run_log_tables_where_postgresql_would_not(project):
+    from django.db import connection
+
+    from apps.common.bulk import insert_rows
+    from apps.traces.housekeeping import stats_refresh
+
+    if connection.vendor != "postgresql":
+        assert stats_refresh(force=True) == []  # SQLite keeps no planner statistics to refresh
+        return
+    run = Run.objects.create(project=project, run_id="r1", trace_id="t" * 32, started_at=timezone.now())
+    insert_rows(Span, [{"project_id": project.pk, "run_id": run.pk, "trace_id": "t" * 32, "span_id": f"s{i}",
+                        "name": "x", "start_time": timezone.now()} for i in range(120)])
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('autovacuum')::boolean")
+        autovacuum = cursor.fetchone()[0]
+        if autovacuum:
+            assert stats_refresh() == []  # PostgreSQL's own autoanalyze does it
+        assert stats_refresh(force=True) == ["traces_ingestbatch", "traces_run", "traces_span", "traces_spanupdate",
+                                             "traces_toolcall"]
+        cursor.execute("SELECT reltuples FROM pg_class WHERE relname = 'traces_span'")
+        assert cursor.fetchone()[0] == 120  # the planner now knows the table's size
