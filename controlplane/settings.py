@@ -241,8 +241,9 @@ CELERY_EMBEDDED_QUEUES = ["default", "ingest", "gpu"]
 
 # --- The run log (apps.traces) ----------------------------------------------------------------------
 # A worker that dies mid-projection holds its batches until the lease expires; then the sweeper
-# hands them to another. Keep it well above a normal projection (seconds).
-TRACES_LEASE_SECONDS = env_int("TRACES_LEASE_SECONDS", 120, minimum=1)
+# hands them to another (a new worker sweeps as it starts). A live worker renews its leases every
+# third of a lease, so this bounds the take-over time, not the length of a projection (seconds).
+TRACES_LEASE_SECONDS = env_int("TRACES_LEASE_SECONDS", 15, minimum=1)
 TRACES_MAX_ATTEMPTS = env_int("TRACES_MAX_ATTEMPTS", 5, minimum=1)
 TRACES_PROJECT_BATCH_LIMIT = env_int("TRACES_PROJECT_BATCH_LIMIT", 20, minimum=1)
 # One projection transaction takes at most this many records (spans, updates…), at least one batch;
@@ -260,7 +261,8 @@ TRACES_LOST_AFTER_MINUTES = env_float("TRACES_LOST_AFTER_MINUTES", 5, minimum=0.
 TRACES_RETENTION_DAYS = env_int("TRACES_RETENTION_DAYS", 0, minimum=0)
 TRACES_RETENTION_CHUNK_ROWS = env_int("TRACES_RETENTION_CHUNK_ROWS", 5000, minimum=1)
 TRACES_HOUSEKEEPING_BUDGET_SECONDS = env_int("TRACES_HOUSEKEEPING_BUDGET_SECONDS", 60, minimum=1)
-# Batches that could not be projected (DEAD) keep their payload for inspection this long.
+# Batches that could not be projected (DEAD) keep their payload for inspection this long, and so do
+# the records the projection set aside (DeadRecord); both can be re-projected from the admin until then.
 TRACES_DEAD_RETENTION_DAYS = env_int("TRACES_DEAD_RETENTION_DAYS", 7, minimum=1)
 # Request bodies: 20 MiB at most (413 beyond); one field of a span 1 MiB at most (400 beyond).
 MAX_REQUEST_BYTES = env_int("MAX_REQUEST_BYTES", 20 * 1024 * 1024, minimum=1024)
@@ -278,3 +280,18 @@ INGEST_RATE_LIMIT_PER_MINUTE = env_int("INGEST_RATE_LIMIT_PER_MINUTE", 0, minimu
 # OTLP/gRPC: `manage.py otlp_grpc` listens here; `make run` (embedded) serves it in-process (0: not at all).
 OTLP_GRPC_PORT = env_int("OTLP_GRPC_PORT", 4317, minimum=0)
 OTLP_GRPC_WORKERS = env_int("OTLP_GRPC_WORKERS", 8, minimum=1)
+
+# --- The audit log (apps.audit) ----------------------------------------------------------------------
+# The hash chain cannot show that its newest rows were deleted, so beat anchors the tip (seq, hash,
+# time) outside the database every AUDIT_ANCHOR_SECONDS: a log line, a line appended to
+# AUDIT_ANCHOR_FILE and, when set, a JSON POST to AUDIT_ANCHOR_WEBHOOK_URL. `audit_verify` compares the
+# table with the last anchor.
+AUDIT_ANCHOR_SECONDS = env_int("AUDIT_ANCHOR_SECONDS", 300, minimum=1)
+AUDIT_ANCHOR_FILE = Path(env_str("AUDIT_ANCHOR_FILE", str(DATA_DIR / "audit-anchors.jsonl"))).resolve()
+AUDIT_ANCHOR_WEBHOOK_URL = env_str("AUDIT_ANCHOR_WEBHOOK_URL")
+if AUDIT_ANCHOR_WEBHOOK_URL and not AUDIT_ANCHOR_WEBHOOK_URL.lower().startswith(("http://", "https://")):
+    # urllib also opens file:// and ftp:// URLs; an anchor only ever goes to a web receiver.
+    raise ImproperlyConfigured(
+        f"AUDIT_ANCHOR_WEBHOOK_URL: expected an http(s):// URL, got {AUDIT_ANCHOR_WEBHOOK_URL!r}")
+AUDIT_ANCHOR_WEBHOOK_TIMEOUT = env_float("AUDIT_ANCHOR_WEBHOOK_TIMEOUT", 5, minimum=0.1)
+CELERY_BEAT_SCHEDULE["audit-anchor-tip"] = {"task": "audit.anchor_tip", "schedule": AUDIT_ANCHOR_SECONDS}

@@ -25,6 +25,15 @@ def _fast_hasher(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
+@pytest.fixture(autouse=True)
+def anchor_file(settings, tmp_path):
+    """Each test anchors the audit chain into its own file: never into DATA_DIR, where `make run` keeps
+    real anchors that would not match the test database."""
+    settings.AUDIT_ANCHOR_FILE = tmp_path / "audit-anchors.jsonl"
+    settings.AUDIT_ANCHOR_WEBHOOK_URL = ""
+    return settings.AUDIT_ANCHOR_FILE
+
+
 @pytest.fixture
 def alice(django_user_model):
     """Project admin of `project`."""

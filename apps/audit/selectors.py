@@ -18,7 +18,7 @@ def audit_chain_verify(*, chunk_size: int = 2000) -> Iterator[ChainBreak]:
 
     Detects an edited row (its hash no longer matches its content), a deleted or inserted row (a gap
     in ``seq`` or a ``prev_hash`` that is not the previous row's hash). Removing the newest rows
-    leaves a shorter valid chain; compare the tip with an exported one to catch that.
+    leaves a shorter valid chain; ``anchors.audit_anchor_check`` compares the end with the last anchor.
     """
     expected_seq, prev_hash = 1, GENESIS_HASH
     for event in AuditEvent.objects.order_by("seq").iterator(chunk_size=chunk_size):

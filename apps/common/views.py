@@ -8,6 +8,7 @@ from django.http import JsonResponse
 from django.views.defaults import page_not_found
 from django.views.defaults import server_error as html_server_error
 
+from . import health
 from .errors import json_404, json_500, unavailable_response
 
 _API_PREFIXES = ("/api/", "/v1/")
@@ -15,7 +16,8 @@ WORKER_PING_TIMEOUT_S = 10
 
 
 def healthz(request):
-    """Readiness: 200 when the database answers, 503 + Retry-After when it does not.
+    """Readiness: 200 when the database answers, 503 + Retry-After when it does not. The body adds
+    what apps registered (``health.register``), e.g. ``dead_letters`` waiting for a look.
 
     ``?worker=1`` also sends a task through the broker and waits for a worker to run it.
     """
@@ -24,7 +26,7 @@ def healthz(request):
             cursor.execute("SELECT 1")
     except Exception:
         return unavailable_response()
-    body = {"status": "ok"}
+    body = {"status": "ok", **health.report()}
     if request.GET.get("worker"):
         from .tasks import ping
 

@@ -32,6 +32,8 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
+from apps.traces.records import MAX_TOKENS, json_problem
+
 # OTel status codes
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
 
@@ -98,12 +100,15 @@ def _int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float) and math.isfinite(value) and value >= 0:
-        return int(value)
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return None
+        out = value
+    elif isinstance(value, float) and math.isfinite(value):
+        out = int(value)
+    elif isinstance(value, str) and value.isdigit() and len(value) <= 20:
+        out = int(value)
+    else:
+        return None
+    # Out of the record contract's range: not a count, so it stays an attribute, verbatim.
+    return out if 0 <= out <= MAX_TOKENS else None
 
 
 def _float(value: Any) -> float | None:
@@ -128,14 +133,17 @@ def _str(value: Any, limit: int = 500) -> str:
 
 
 def json_or_text(value: Any) -> Any:
-    """A JSON-encoded attribute (messages, arguments) decoded; anything else as it is."""
+    """A JSON-encoded attribute (messages, arguments) decoded; anything else as it is. Text whose
+    decoding the store could not hold (NaN, 1e400, an escaped NUL or lone surrogate, nesting past
+    the record contract's depth) stays the text it came as."""
     if isinstance(value, str):
         stripped = value.lstrip()
         if stripped[:1] in ("[", "{"):
             try:
-                return json.loads(value)
-            except ValueError:
+                decoded = json.loads(value)
+            except (ValueError, RecursionError):
                 return value
+            return value if json_problem(decoded, limit=MAX_FIELD_CHARS * 4) else decoded
     return value
 
 
@@ -323,9 +331,12 @@ def normalise_span(view: dict) -> tuple[dict, dict]:
     if kind not in AGGREGATE_KINDS:
         usage = {}
         for field_name, names in USAGE_ATTRS.items():
-            value = _int(_first(attrs, names, used))
+            found = _first(attrs, names, used)
+            value = _int(found)
             if value is not None:
                 usage[field_name] = value
+            elif found is not None:
+                used.difference_update(names)  # not a count we can hold: it stays an attribute
         if usage:
             used.update(k for k in TOTAL_TOKEN_ATTRS if k in attrs)
             span["usage"] = usage

@@ -37,11 +37,19 @@ class OtlpDecodeError(ValueError):
 # --- values ------------------------------------------------------------------------------------------
 
 
+REPLACEMENT = "\ufffd"
+
+
+def clean(text: str) -> str:
+    """A string the store can hold: NUL (valid UTF-8, refused by the database's text and JSON types)
+    becomes U+FFFD, visibly. Protobuf itself refuses other invalid UTF-8 at parse."""
+    return text.replace("\x00", REPLACEMENT) if "\x00" in text else text
+
+
 def any_value(v) -> Any:
     which = v.WhichOneof("value")
     if which == "string_value":
-        text = v.string_value
-        return text.replace("\x00", "\ufffd") if "\x00" in text else text
+        return clean(v.string_value)
     if which == "int_value":
         return v.int_value
     if which == "bool_value":
@@ -52,14 +60,14 @@ def any_value(v) -> Any:
     if which == "array_value":
         return [any_value(x) for x in v.array_value.values]
     if which == "kvlist_value":
-        return {kv.key: any_value(kv.value) for kv in v.kvlist_value.values}
+        return {clean(kv.key): any_value(kv.value) for kv in v.kvlist_value.values}
     if which == "bytes_value":
         return base64.b64encode(v.bytes_value).decode()
     return None
 
 
 def attributes(kvs) -> dict:
-    return {kv.key.replace("\x00", "\ufffd"): any_value(kv.value) for kv in kvs}
+    return {clean(kv.key): any_value(kv.value) for kv in kvs}
 
 
 # --- parsing -----------------------------------------------------------------------------------------
@@ -163,6 +171,8 @@ def span_problem(span) -> str | None:
         return f"parent_span_id must be empty or 8 bytes (got {len(span.parent_span_id)} bytes)"
     if not span.name:
         return "name is missing"
+    if "\x00" in span.name:
+        return "name contains the NUL character (\\u0000)"
     if not span.start_time_unix_nano:
         return "start_time_unix_nano is missing"
     if span.end_time_unix_nano and span.end_time_unix_nano < span.start_time_unix_nano:
@@ -199,6 +209,52 @@ def count_traces(request: ExportTraceServiceRequest) -> tuple[int, int, str]:
     return _count(spans, span_problem, lambda i, s: f"span {s.span_id.hex() or i!s} ({s.name[:100]!r})")
 
 
+def _value_has_nul(v) -> bool:
+    which = v.WhichOneof("value")
+    if which == "string_value":
+        return "\x00" in v.string_value
+    if which == "array_value":
+        return any(_value_has_nul(x) for x in v.array_value.values)
+    if which == "kvlist_value":
+        return _kvs_have_nul(v.kvlist_value.values)
+    return False
+
+
+def _kvs_have_nul(kvs) -> bool:
+    return any("\x00" in kv.key or _value_has_nul(kv.value) for kv in kvs)
+
+
+def traces_repaired(request: ExportTraceServiceRequest) -> int:
+    """How many accepted spans hold a NUL in a string other than their name (attributes, events,
+    status message, links, their resource or scope), which is stored as U+FFFD: said in
+    ``partial_success`` so the change is never silent."""
+    repaired = 0
+    for rs in request.resource_spans:
+        outer = _kvs_have_nul(rs.resource.attributes)
+        for ss in rs.scope_spans:
+            scope = outer or "\x00" in ss.scope.name or "\x00" in ss.scope.version
+            for span in ss.spans:
+                if span_problem(span) is None and (
+                        scope or "\x00" in span.status.message or _kvs_have_nul(span.attributes)
+                        or any("\x00" in e.name or _kvs_have_nul(e.attributes) for e in span.events)
+                        or any(_kvs_have_nul(link.attributes) for link in span.links)):
+                    repaired += 1
+    return repaired
+
+
+def logs_repaired(request: ExportLogsServiceRequest) -> int:
+    repaired = 0
+    for rl in request.resource_logs:
+        outer = _kvs_have_nul(rl.resource.attributes)
+        for sl in rl.scope_logs:
+            for r in sl.log_records:
+                if log_problem(r) is None and (
+                        outer or "\x00" in r.event_name or "\x00" in r.severity_text
+                        or _kvs_have_nul(r.attributes) or (r.HasField("body") and _value_has_nul(r.body))):
+                    repaired += 1
+    return repaired
+
+
 def count_logs(request: ExportLogsServiceRequest) -> tuple[int, int, str]:
     records = (r for rl in request.resource_logs for sl in rl.scope_logs for r in sl.log_records)
     return _count(records, log_problem, lambda i, r: f"log record {i}")
@@ -212,7 +268,7 @@ def span_views(request: ExportTraceServiceRequest) -> list[dict]:
     for rs in request.resource_spans:
         resource = attributes(rs.resource.attributes)
         for ss in rs.scope_spans:
-            scope = ss.scope.name
+            scope = clean(ss.scope.name)
             for span in ss.spans:
                 if span_problem(span) is not None:
                     continue
@@ -220,12 +276,12 @@ def span_views(request: ExportTraceServiceRequest) -> list[dict]:
                     "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
                     "parent_span_id": span.parent_span_id.hex(), "name": span.name, "kind": span.kind,
                     "start_ns": span.start_time_unix_nano, "end_ns": span.end_time_unix_nano,
-                    "status_code": span.status.code, "status_message": span.status.message,
+                    "status_code": span.status.code, "status_message": clean(span.status.message),
                     "attributes": attributes(span.attributes), "resource": resource, "scope": scope,
                     "size": span.ByteSize(),
                 }
                 if span.events:
-                    view["events"] = [{"name": e.name, "time_ns": e.time_unix_nano,
+                    view["events"] = [{"name": clean(e.name), "time_ns": e.time_unix_nano,
                                        "attributes": attributes(e.attributes)} for e in span.events]
                 if span.links:
                     view["links"] = [{"trace_id": link.trace_id.hex(), "span_id": link.span_id.hex(),
@@ -248,12 +304,12 @@ def log_records(request: ExportLogsServiceRequest) -> list[dict]:
                 if log_problem(record) is not None:
                     continue
                 attrs = attributes(record.attributes)
-                name = record.event_name or attrs.pop("event.name", None) or "log"
+                name = clean(record.event_name) or attrs.pop("event.name", None) or "log"
                 event_attrs = dict(attrs)
                 if record.HasField("body"):
                     event_attrs["body"] = any_value(record.body)
                 if record.severity_text:
-                    event_attrs["severity"] = record.severity_text
+                    event_attrs["severity"] = clean(record.severity_text)
                 elif record.severity_number:
                     event_attrs["severity_number"] = record.severity_number
                 when = record.time_unix_nano or record.observed_time_unix_nano

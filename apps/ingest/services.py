@@ -9,20 +9,16 @@ log's inbox (kind ``otlp.traces`` / ``otlp.logs``); the worker decodes and norma
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import zlib
-from dataclasses import dataclass
 
 from django.conf import settings
-from django.core.cache import cache
-from django.db.models import Sum
 from rest_framework.exceptions import AuthenticationFailed
 
 from apps.common.errors import ErrorCode
 from apps.projects.models import ApiKey
 from apps.projects.services import api_key_authenticate
-from apps.traces.models import IngestBatch
+from apps.traces import admission
+from apps.traces.admission import Refusal, backlog  # noqa: F401 - the doors' refusal, and tests reset backlog
 from apps.traces.services import batch_accept
 
 from . import otlp
@@ -31,27 +27,6 @@ logger = logging.getLogger(__name__)
 
 TRACES_KIND = "otlp.traces"
 LOGS_KIND = "otlp.logs"
-
-
-@dataclass
-class Refusal(Exception):
-    """A request answered without storing anything. ``status`` is HTTP; ``grpc`` the gRPC code name."""
-
-    status: int
-    error_code: str
-    message: str
-    retry_after: int | None = None
-
-    @property
-    def grpc(self) -> str:
-        return {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 413: "INVALID_ARGUMENT",
-                415: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}.get(self.status, "INTERNAL")
-
-    @property
-    def rpc_code(self) -> int:
-        """The google.rpc.Code number for the Status body."""
-        return {"INVALID_ARGUMENT": 3, "UNAUTHENTICATED": 16, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
-                "UNAVAILABLE": 14}.get(self.grpc, 13)
 
 
 # --- admission ---------------------------------------------------------------------------------------
@@ -71,79 +46,11 @@ def authenticate(raw_key: str | None) -> ApiKey:
     return key
 
 
-def rate_check(key: ApiKey) -> None:
-    """Requests per minute per key (fixed one-minute windows in the shared cache).
-
-    The limit is the key's ``rate_limit_per_minute`` or INGEST_RATE_LIMIT_PER_MINUTE (0 = none). A
-    cache that cannot be reached lets the request through: limiting is not worth refusing data.
-    """
-    limit = key.rate_limit_per_minute if key.rate_limit_per_minute is not None else \
-        getattr(settings, "INGEST_RATE_LIMIT_PER_MINUTE", 0)
-    if not limit:
-        return
-    now = time.time()
-    window = int(now // 60)
-    name = f"ingest-rate:{key.pk}:{window}"
-    try:
-        cache.add(name, 0, timeout=120)
-        count = cache.incr(name)
-    except Exception as exc:  # noqa: BLE001 - see docstring
-        logger.warning("rate limit not checked (cache unavailable): %r", exc)
-        return
-    if count > limit:
-        retry = max(1, int((window + 1) * 60 - now) + 1)
-        raise Refusal(429, ErrorCode.RATE_LIMITED,
-                      f"This API key is over its rate limit of {limit} requests per minute.", retry_after=retry)
-
-
-class _Backlog:
-    """High/low watermark on spans accepted but not yet projected.
-
-    Above INGEST_BACKLOG_HIGH the receiver answers 503 + Retry-After (exporters back off and resend),
-    until the backlog falls under INGEST_BACKLOG_LOW. The figure is read at most once per
-    INGEST_BACKLOG_CHECK_SECONDS per process: one indexed aggregate over the pending rows.
-    """
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.checked_at = 0.0
-        self.pending = 0
-        self.shedding = False
-
-    def check(self) -> None:
-        high = getattr(settings, "INGEST_BACKLOG_HIGH", 0)
-        if not high:
-            return
-        low = getattr(settings, "INGEST_BACKLOG_LOW", high // 2)
-        now = time.monotonic()
-        if now - self.checked_at >= getattr(settings, "INGEST_BACKLOG_CHECK_SECONDS", 1.0):
-            with self.lock:
-                if now - self.checked_at >= getattr(settings, "INGEST_BACKLOG_CHECK_SECONDS", 1.0):
-                    self.pending = IngestBatch.objects.filter(
-                        status__in=[IngestBatch.Status.PENDING, IngestBatch.Status.PROCESSING],
-                    ).aggregate(n=Sum("item_count"))["n"] or 0
-                    self.checked_at = now
-                    if self.pending >= high:
-                        self.shedding = True
-                    elif self.pending < low:
-                        self.shedding = False
-        if self.shedding:
-            raise Refusal(503, ErrorCode.SERVICE_UNAVAILABLE,
-                          f"The ingest backlog ({self.pending} spans) is over its limit; retry later.",
-                          retry_after=getattr(settings, "INGEST_BACKLOG_RETRY_AFTER", 5))
-
-    def reset(self) -> None:
-        with self.lock:
-            self.checked_at, self.pending, self.shedding = 0.0, 0, False
-
-
-backlog = _Backlog()
-
-
 def admit(raw_key: str | None) -> ApiKey:
+    """The key, once it is valid, may ingest and the run log admits it (the same rate limit and backlog
+    watermarks as the REST writes: ``traces.admission``)."""
     key = authenticate(raw_key)
-    rate_check(key)
-    backlog.check()
+    admission.admit(key)
     return key
 
 
@@ -185,15 +92,20 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _accept(key: ApiKey, body: bytes, content_type: str, *, parse, count, kind: str, noun: str,
+def _accept(key: ApiKey, body: bytes, content_type: str, *, parse, count, repaired, kind: str, noun: str,
             source: str) -> tuple[int, str]:
-    """Validate and store one export request. Returns (items rejected, the English message for them)."""
+    """Validate and store one export request. Returns (items rejected, the English message for them,
+    which also says how many accepted items had characters replaced)."""
     try:
         request = parse(body, content_type)
     except otlp.OtlpDecodeError as exc:
         raise Refusal(400, ErrorCode.PARSE_ERROR, str(exc)) from None
     accepted, rejected, first = count(request)
-    message = f"{_plural(rejected, noun)} rejected; the first: {first}" if rejected else ""
+    notes = [f"{_plural(rejected, noun)} rejected; the first: {first}"] if rejected else []
+    fixed = repaired(request) if accepted else 0
+    if fixed:
+        notes.append(f"{_plural(fixed, noun)} accepted with NUL characters replaced by U+FFFD")
+    message = ". ".join(notes)
     if accepted:
         raw = body if content_type == otlp.PROTOBUF else request.SerializeToString()
         batch_accept(project=key.project, api_key=key, source=source, kind=kind, raw=raw,
@@ -202,10 +114,12 @@ def _accept(key: ApiKey, body: bytes, content_type: str, *, parse, count, kind: 
 
 
 def accept_traces(key: ApiKey, body: bytes, content_type: str, *, source: str = "otlp") -> tuple[int, str]:
-    return _accept(key, body, content_type, parse=otlp.parse_traces, count=otlp.count_traces, kind=TRACES_KIND,
+    return _accept(key, body, content_type, parse=otlp.parse_traces, count=otlp.count_traces,
+                   repaired=otlp.traces_repaired, kind=TRACES_KIND,
                    noun="span", source=source)
 
 
 def accept_logs(key: ApiKey, body: bytes, content_type: str, *, source: str = "otlp") -> tuple[int, str]:
-    return _accept(key, body, content_type, parse=otlp.parse_logs, count=otlp.count_logs, kind=LOGS_KIND,
+    return _accept(key, body, content_type, parse=otlp.parse_logs, count=otlp.count_logs,
+                   repaired=otlp.logs_repaired, kind=LOGS_KIND,
                    noun="log record", source=source)

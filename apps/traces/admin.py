@@ -13,7 +13,7 @@ import datetime as dt
 import json
 
 from asgiref.sync import sync_to_async
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
@@ -30,7 +30,8 @@ from apps.projects.admin import ScopedAdminMixin, VisibleProjectFilter
 from apps.projects.models import Project
 from apps.projects.services import actor_for
 
-from .models import IngestBatch, Run, Span, ToolCall
+from . import services
+from .models import DeadRecord, IngestBatch, Run, Span, ToolCall
 
 COUNT_CAP = 10_000
 EXPORT_CHUNK = 2000
@@ -262,7 +263,7 @@ class DeadLetterReasonFilter(admin.SimpleListFilter):
 
     title = "error code"
     parameter_name = "error_code"
-    CODES = ("invalid_record", "unknown_kind", "gave_up", "projection_error")
+    CODES = ("invalid_record", "unknown_kind", "gave_up", "projection_error", "records_dead")
 
     def lookups(self, request, model_admin):
         return [(code, code) for code in self.CODES]
@@ -295,3 +296,75 @@ class IngestBatchAdmin(RunLogAdmin):
 
     def get_queryset(self, request):
         return super().get_queryset(request).defer("payload", "raw")
+
+    actions = ["reproject"]
+
+    def has_reproject_permission(self, request) -> bool:
+        return _may_reproject(request)
+
+    @admin.action(description="Re-project the selected dead batches", permissions=["reproject"])
+    def reproject(self, request, queryset):
+        done = skipped = 0
+        for batch in queryset.filter(status=IngestBatch.Status.DEAD):
+            if _may_reproject(request, batch.project_id) and services.batch_reproject(
+                    batch, actor=actor_for(request.user, batch.project)):
+                done += 1
+            else:
+                skipped += 1
+        self.message_user(request, f"{done} batches back in the inbox; {skipped} skipped.",
+                          messages.SUCCESS if done else messages.WARNING)
+
+
+def _may_reproject(request, project_id: int | None = None) -> bool:
+    """Re-projection is for operators and admins of the record's project (superusers everywhere)."""
+    user = request.user
+    if user.is_superuser:
+        return True
+    projects = Project.objects.visible_to(user)
+    if project_id is not None:
+        projects = projects.filter(pk=project_id)
+    return any(user.has_perm("projects.operate_project", p) for p in projects)
+
+
+@admin.register(DeadRecord)
+class DeadRecordAdmin(RunLogAdmin):
+    """Records the projection set aside so that the rest of their batch was stored: why, where from,
+    and a redacted preview. The raw record is never shown; re-project it once the cause is fixed."""
+
+    list_display = ("id", "project", "batch_public_id", "position", "op", "run_ref", "error_code", "status",
+                    "created_at", "reprojected_at")
+    list_filter = ("status", "error_code", "source", VisibleProjectFilter)
+    list_select_related = ("project",)
+    search_fields = ("=batch_public_id", "=run_ref")
+    search_help_text = "The batch id a client was answered (a UUID), or a run id."
+    date_hierarchy = "created_at"
+    ordering = ("-id",)
+    export_fields = ("id", "project__slug", "batch_public_id", "position", "source", "op", "run_ref", "error_code",
+                     "error", "status", "created_at", "reprojected_at")
+    actions = ["reproject"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f for f in super().get_readonly_fields(request, obj) if f != "raw"]
+
+    def get_fields(self, request, obj=None):
+        return self.get_readonly_fields(request, obj)
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).defer("raw")
+
+    def has_reproject_permission(self, request) -> bool:
+        return _may_reproject(request)
+
+    @admin.action(description="Re-project the selected dead records", permissions=["reproject"])
+    def reproject(self, request, queryset):
+        stored = failed = 0
+        for record in queryset.filter(status=DeadRecord.Status.DEAD).select_related("project"):
+            if not _may_reproject(request, record.project_id):
+                failed += 1
+                continue
+            if services.dead_record_reproject(record, actor=actor_for(request.user, record.project)):
+                stored += 1
+            else:
+                failed += 1
+        self.message_user(request, f"{stored} records stored; {failed} still dead (see their error).",
+                          messages.SUCCESS if stored and not failed else messages.WARNING)

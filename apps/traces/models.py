@@ -93,10 +93,54 @@ class IngestBatch(models.Model):
             models.Index(fields=["status", "id"], condition=Q(status__in=["pending", "processing"]),
                          name="traces_batch_open"),
             models.Index(fields=["project", "status", "-created_at"], name="traces_batch_project"),
+            # /healthz counts the dead-lettered ones.
+            models.Index(fields=["id"], condition=Q(status="dead"), name="traces_batch_dead"),
         ]
 
     def __str__(self) -> str:
         return f"batch {self.pk} ({self.source}, {self.status})"
+
+
+class DeadRecord(models.Model):
+    """One record of an accepted batch that the projection could not store, set aside so that the
+    records around it were stored (the projection bisects a failing batch down to the records at fault).
+
+    ``raw`` is the record as decoded, before redaction, as ASCII JSON bytes (escapes keep a NUL, a lone
+    surrogate or an Infinity that a JSON column would refuse); it is never shown, only re-projected
+    (``services.dead_record_reproject``) once the cause is fixed. ``preview`` is a redacted excerpt.
+    The batch is referred to by value: housekeeping deletes projected batches, not their dead records.
+    """
+
+    class Status(models.TextChoices):
+        DEAD = "dead"
+        REPROJECTED = "reprojected"
+
+    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="+")
+    api_key = models.ForeignKey("projects.ApiKey", null=True, blank=True, on_delete=models.SET_NULL,
+                                related_name="+")
+    batch_public_id = models.UUIDField(help_text="The batch id the client was answered.")
+    batch_pk = models.BigIntegerField()
+    source = models.CharField(max_length=16)
+    position = models.PositiveIntegerField(help_text="The record's place in its batch (0 = first).")
+    op = models.CharField(max_length=16)
+    run_ref = models.CharField(max_length=128, blank=True, help_text="The run id (or trace id) it names.")
+    raw = models.BinaryField()
+    preview = models.TextField(blank=True)
+    error_code = models.CharField(max_length=64)
+    error = models.TextField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.DEAD)
+    created_at = models.DateTimeField(auto_now_add=True)
+    reprojected_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            models.Index(fields=["project", "status", "-created_at"], name="traces_deadrecord_project"),
+            models.Index(fields=["status", "created_at"], name="traces_deadrecord_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"dead {self.op} #{self.position} of batch {self.batch_public_id}"
 
 
 # error_code of a run the housekeeping sweep declared LOST (a later span revives it).

@@ -17,6 +17,7 @@ RFC 3339 strings in UTC. Pure Python: no database access.
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from datetime import UTC, datetime
@@ -34,6 +35,14 @@ SPAN_STATUSES = frozenset(SpanStatus.values)
 RUN_START_STATUSES = ("pending", "running")
 RUN_FINISH_STATUSES = ("completed", "failed", "cancelled")
 MAX_SPANS_PER_REQUEST = 5000
+# What the database can hold, checked at the door so that nothing accepted fails to store:
+# token counts far past any model's context (and small enough that a run's sum stays inside bigint),
+# PositiveIntegerField for counters, and a nesting depth that every walker of a record (redaction,
+# the JSON encoder, PostgreSQL's jsonb) handles without recursing out of its stack.
+MAX_TOKENS = 10**12
+MAX_SMALL_COUNT = 2**31 - 1
+MAX_DEPTH = 64
+BIGINT_MAX = 2**63 - 1
 
 
 class RecordError(ValueError):
@@ -71,6 +80,85 @@ def _obj(value: Any, field: str) -> dict:
     return value
 
 
+def text_problem(value: str) -> str | None:
+    """Why the database cannot store this string (its text and JSON types refuse NUL, and UTF-8 has
+    no encoding for half a surrogate pair), or None."""
+    if "\x00" in value:
+        return "must not contain the NUL character (\\u0000)."
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return "must not contain unpaired UTF-16 surrogates (\\ud800-\\udfff)."
+    return None
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in (item.values() if isinstance(item, dict) else item):
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
+
+
+def json_problem(value: Any, *, limit: int | None = None) -> str | None:
+    """Why free JSON (an input, attributes, messages) cannot be stored, or None: too large, nested
+    deeper than MAX_DEPTH, a non-finite number, NUL or a lone surrogate in any key or string."""
+    if value is None or isinstance(value, (bool, int)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "must be a finite number (not NaN or Infinity)."
+    limit = limit or _max_field_bytes()
+    if isinstance(value, str):
+        if len(value) > limit:  # characters: a lower bound of the bytes, and cheap
+            return f"is larger than the {limit} byte limit for one field."
+        problem = text_problem(value)
+        if problem is None and not value.isascii() and len(value.encode()) > limit:
+            return f"is larger than the {limit} byte limit for one field."
+        return problem
+    if not isinstance(value, (dict, list)):
+        return "must be JSON (an object, list, string, number, boolean or null)."
+    try:
+        encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except RecursionError:
+        return f"must be JSON nested at most {MAX_DEPTH} levels deep."
+    except (TypeError, ValueError) as exc:
+        if "float" in str(exc):
+            return "must not hold non-finite numbers (NaN or Infinity)."
+        return f"is not JSON the store can hold ({exc})."
+    try:
+        size = len(encoded.encode())
+    except UnicodeEncodeError:
+        return "must not contain unpaired UTF-16 surrogates (\\ud800-\\udfff)."
+    if size > limit:
+        return f"is larger than the {limit} byte limit for one field."
+    # The encoder escapes NUL as \u0000; a match can also be a literal backslash-u0000 (rare): look.
+    if "\\u0000" in encoded and _holds_nul(value):
+        return "must not contain the NUL character (\\u0000)."
+    if _too_deep(value, MAX_DEPTH):
+        return f"must be JSON nested at most {MAX_DEPTH} levels deep."
+    return None
+
+
+def _holds_nul(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def _str(value: Any, field: str, *, max_len: int = 500, allow_empty: bool = True) -> str:
     if value is None:
         return ""
@@ -80,6 +168,9 @@ def _str(value: Any, field: str, *, max_len: int = 500, allow_empty: bool = True
         raise RecordError(field, f"must be at most {max_len} characters.")
     if not allow_empty and not value:
         raise RecordError(field, "must not be empty.")
+    problem = text_problem(value)
+    if problem:
+        raise RecordError(field, problem)
     return value
 
 
@@ -118,13 +209,15 @@ def _time(value: Any, field: str) -> str:
     return parsed.isoformat()
 
 
-def _count(value: Any, field: str) -> int | None:
+def _count(value: Any, field: str, *, max_value: int = MAX_TOKENS) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise RecordError(field, "must be an integer.")
     if value < 0:
         raise RecordError(field, "must not be negative.")
+    if value > max_value:
+        raise RecordError(field, f"must be at most {max_value}.")
     return value
 
 
@@ -133,23 +226,17 @@ def _number(value: Any, field: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RecordError(field, "must be a number.")
-    if value < 0 or value != value or value == float("inf"):
+    if value < 0 or not math.isfinite(value):
         raise RecordError(field, "must be a finite number, not negative.")
     return float(value)
 
 
 def _blob(value: Any, field: str) -> Any:
-    """Free JSON (inputs, outputs, messages): bounded in size so one field cannot swamp the store."""
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    limit = _max_field_bytes()
-    if isinstance(value, str):
-        size = len(value)  # characters; a lower bound of the bytes, and cheap
-        if size > limit or len(value.encode()) > limit:
-            raise RecordError(field, f"is larger than the {limit} byte limit for one field.")
-        return value
-    if len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()) > limit:
-        raise RecordError(field, f"is larger than the {limit} byte limit for one field.")
+    """Free JSON (inputs, outputs, messages): bounded in size and depth so one field cannot swamp
+    the store, and nothing in it that the database refuses."""
+    problem = json_problem(value)
+    if problem:
+        raise RecordError(field, problem)
     return value
 
 
@@ -287,7 +374,7 @@ def _span_fields(data: dict, prefix: str, *, partial: bool) -> dict:
     if data.get("stream") is not None:
         stream = _obj(data["stream"], f"{p}stream")
         out["stream"] = {k: v for k, v in {
-            "chunks": _count(stream.get("chunks"), f"{p}stream.chunks"),
+            "chunks": _count(stream.get("chunks"), f"{p}stream.chunks", max_value=MAX_SMALL_COUNT),
             "output_tokens_per_second": _number(stream.get("output_tokens_per_second"),
                                                 f"{p}stream.output_tokens_per_second"),
         }.items() if v is not None}
@@ -353,6 +440,56 @@ def spans_records(run_id: str, data: Any, *, received_at: str) -> list[dict]:
             seen.add(sid)
         return records
     return [span_record(run_id, data, received_at=received_at)]
+
+
+# --- the canonical record, as every producer emits it ---------------------------------------------
+
+OPS = ("run.start", "span", "span.update", "run.finish")
+
+
+def validate_record(rec: Any, field: str = "record") -> None:
+    """Check one canonical record (as the REST builders above or the OTLP normaliser emit it) against
+    what the store can hold. Raises RecordError naming the field. The projection uses it to say why a
+    record it could not store was refused; tests feed it every producer's output."""
+    rec = _obj(rec, field)
+    op = rec.get("op")
+    if op not in OPS:
+        raise RecordError(f"{field}.op", f"must be one of {', '.join(OPS)}.")
+    _id(rec.get("run_id"), f"{field}.run_id")
+    if rec.get("trace_id") is not None:
+        _id(rec["trace_id"], f"{field}.trace_id", max_len=32)
+    if op == "run.start":
+        for key, max_len in (("agent_name", 200), ("agent_version", 100), ("end_user", 256), ("session_id", 256)):
+            _str(rec.get(key), f"{field}.{key}", max_len=max_len)
+        _opt_id(rec.get("parent_run_id"), f"{field}.parent_run_id", max_len=128)
+        _blob(rec.get("input"), f"{field}.input")
+        _map(rec.get("metadata"), f"{field}.metadata")
+        if not rec.get("fill"):
+            if rec.get("status", "running") not in RUN_START_STATUSES:
+                raise RecordError(f"{field}.status", f"must be one of {', '.join(RUN_START_STATUSES)}.")
+            _time(rec.get("started_at"), f"{field}.started_at")
+    elif op == "span":
+        span = _obj(rec.get("span"), f"{field}.span")
+        prefix = f"{field}.span."
+        _id(span.get("span_id"), f"{prefix}span_id", max_len=64)
+        _opt_id(span.get("parent_span_id"), f"{prefix}parent_span_id")
+        for key in ("name", "kind", "start_time"):
+            if span.get(key) is None:
+                raise RecordError(f"{prefix}{key}", "is required.")
+        _span_fields(span, prefix, partial=False)
+    elif op == "span.update":
+        _id(rec.get("span_id"), f"{field}.span_id", max_len=64)
+        _span_fields(_obj(rec.get("fields"), f"{field}.fields"), f"{field}.fields.", partial=True)
+        if rec.get("at") is not None:
+            _time(rec["at"], f"{field}.at")
+    else:
+        if rec.get("status") not in RUN_FINISH_STATUSES:
+            raise RecordError(f"{field}.status", f"must be one of {', '.join(RUN_FINISH_STATUSES)}.")
+        _blob(rec.get("output"), f"{field}.output")
+        _blob(rec.get("error_details"), f"{field}.error_details")
+        _str(rec.get("error_code"), f"{field}.error_code", max_len=100)
+        _opt_id(rec.get("failing_span_id"), f"{field}.failing_span_id")
+        _time(rec.get("ended_at"), f"{field}.ended_at")
 
 
 def parse_time(value: str | None) -> datetime | None:

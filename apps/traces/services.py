@@ -12,6 +12,7 @@ therefore never counts anything twice.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -24,18 +25,19 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Q
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
+from apps.audit.services import Actor, audit_record
 from apps.common import live
 from apps.common.bulk import insert_rows, insert_rows_ignoring_conflicts, update_objects
 from apps.common.errors import ApiError, ErrorCode
 from apps.projects.models import Project
 
-from . import signals
-from .models import LOST_ERROR_CODE, TOKEN_FIELDS, IngestBatch, Run, Span, SpanUpdate, ToolCall
-from .records import USAGE_KEYS, RecordError, parse_time, trace_id_for_run
+from . import admission, signals
+from .models import LOST_ERROR_CODE, TOKEN_FIELDS, DeadRecord, IngestBatch, Run, Span, SpanUpdate, ToolCall
+from .records import BIGINT_MAX, USAGE_KEYS, RecordError, parse_time, trace_id_for_run
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 def _lease() -> timedelta:
-    return timedelta(seconds=getattr(settings, "TRACES_LEASE_SECONDS", 120))
+    return timedelta(seconds=settings.TRACES_LEASE_SECONDS)
 
 
 def _max_attempts() -> int:
@@ -107,6 +109,9 @@ def batch_accept(*, project, api_key, source: str, response: dict, records: list
             existing = IngestBatch.objects.get(project=project, idempotency_key=idempotency_key)
             return _replay(existing, request_hash), True
         transaction.on_commit(lambda: _enqueue(batch.pk), robust=True)
+        # Counted now rather than on commit, so that concurrent requests see it as soon as possible; one
+        # that rolls back is over-counted until the sweeper's reconcile (it sheds early, never late).
+        admission.backlog_add(item_count)
     return {**batch.response, "batch_id": str(batch.public_id)}, False
 
 
@@ -297,12 +302,20 @@ def _decode(batch: IngestBatch) -> list[dict]:
         raise _PoisonBatch("invalid_record", str(exc)) from exc
     if not isinstance(records, list):
         raise _PoisonBatch("invalid_record", "payload is not a list of records")
+    for i, problem in _decode_problems(records):
+        raise _PoisonBatch("invalid_record", f"record {i}: {problem}")
+    return records
+
+
+def _decode_problems(records: list) -> list[tuple[int, str]]:
+    """What makes records unreadable to the projection at all (their op and run id), by position."""
+    problems = []
     for i, rec in enumerate(records):
         if not isinstance(rec, dict) or rec.get("op") not in ("run.start", "span", "span.update", "run.finish"):
-            raise _PoisonBatch("invalid_record", f"record {i}: unknown op {rec.get('op') if isinstance(rec, dict) else rec!r}")
-        if not isinstance(rec.get("run_id"), str) or not rec["run_id"]:
-            raise _PoisonBatch("invalid_record", f"record {i}: run_id missing")
-    return records
+            problems.append((i, f"unknown op {rec.get('op') if isinstance(rec, dict) else rec!r}"))
+        elif not isinstance(rec.get("run_id"), str) or not rec["run_id"]:
+            problems.append((i, "run_id missing"))
+    return problems
 
 
 def _by_span_keys(model: type[Span] | type[SpanUpdate], project_id: int, keys: set[tuple[str, str]]) -> list:
@@ -463,7 +476,8 @@ def _apply(project_id: int, items: list[tuple[IngestBatch, dict]], changes: RunC
             delta = [a - b for a, b in zip(_contribution(eff), _contribution(prev), strict=True)]
             if any(delta):
                 for name, d in zip(TOKEN_FIELDS, delta[:len(TOKEN_FIELDS)], strict=True):
-                    setattr(run, name, getattr(run, name) + d)
+                    # Each count is bounded at the door; a run's sum saturates rather than overflow bigint.
+                    setattr(run, name, min(getattr(run, name) + d, BIGINT_MAX))
                 run.span_count += delta[len(TOKEN_FIELDS)]
                 run.error_span_count += delta[len(TOKEN_FIELDS) + 1]
                 dirty.add(run.run_id)
@@ -647,6 +661,10 @@ def _claim(batch_id: int | None, limit: int, item_limit: int | None = None) -> l
     return list(IngestBatch.objects.filter(pk__in=ids).order_by("id"))
 
 
+# Faults of the database or the connection to it, not of the data: the batch is retried as a whole.
+TRANSIENT = (OperationalError, InterfaceError)
+
+
 def _dead(batch: IngestBatch, code: str, message: str) -> None:
     logger.error("batch %s dead-lettered (%s): %s", batch.pk, code, message)
     IngestBatch.objects.filter(pk=batch.pk).update(status=IngestBatch.Status.DEAD, error_code=code,
@@ -662,25 +680,153 @@ def _retry_later(batch: IngestBatch, exc: Exception) -> None:
                                                    not_before=timezone.now() + timedelta(seconds=delay))
 
 
+def _settle(batch: IngestBatch, outcome: Callable[..., None], *args: Any) -> None:
+    """Record a batch's outcome (``_dead``, ``_retry_later``); if the database fails even for that, leave
+    the batch leased: its lease expires and the sweeper takes it again. Never an unhandled task error."""
+    try:
+        outcome(batch, *args)
+    except TRANSIENT as exc:
+        logger.warning("batch %s: could not record its outcome (%r); its lease will expire", batch.pk, exc)
+
+
+def _raw_record(rec: Any) -> bytes:
+    """A record as ASCII JSON: escapes hold what a JSON column refuses (NUL, a lone surrogate, NaN)."""
+    return json.dumps(rec, ensure_ascii=True, default=repr).encode()
+
+
+def _preview(rec: Any, redactor) -> str:
+    try:
+        shown = redactor.record(rec) if redactor is not None and isinstance(rec, dict) else rec
+        text = json.dumps(shown, ensure_ascii=True, default=repr)
+    except Exception:  # noqa: BLE001 - the preview is a courtesy; the reason is in ``error``
+        return ""
+    return text[:2000]
+
+
+def _merge_changes(into: RunChanges, other: RunChanges) -> None:
+    into.runs.update(other.runs)
+    for pk, ids in other.new_spans.items():
+        into.new_spans[pk].extend(ids)
+    for pk, ids in other.updated_spans.items():
+        into.updated_spans[pk].extend(ids)
+    into.finished |= other.finished
+
+
+def _project_isolating(batch: IngestBatch) -> RunChanges:
+    """Project a batch that failed as a whole, setting aside only the records at fault.
+
+    The records are applied in halves, each in a savepoint; a half that fails is split again, down to
+    single records, which become DeadRecords with their reason. What is stored keeps the batch's order.
+    With k bad records among n, that is about 2k·log2(n) attempts. A transient fault propagates
+    (the whole batch is retried)."""
+    changes = RunChanges()
+    with transaction.atomic():
+        _commit_without_flush()
+        recs = _decode(batch)
+        redactor = _redactors([batch.project_id]).get(batch.project_id)
+        dead: list[DeadRecord] = []
+
+        def attempt(chunk: list[tuple[int, dict]]) -> None:
+            part = RunChanges()
+            try:
+                with transaction.atomic():
+                    items = [(batch, redactor.record(rec) if redactor else rec) for _, rec in chunk]
+                    _apply(batch.project_id, items, part)
+            except TRANSIENT:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever the record did, isolate it
+                if len(chunk) > 1:
+                    mid = len(chunk) // 2
+                    attempt(chunk[:mid])
+                    attempt(chunk[mid:])
+                    return
+                position, rec = chunk[0]
+                code = "invalid_record" if isinstance(exc, (RecordError, KeyError, TypeError, ValueError)) \
+                    else "unstorable_record"
+                dead.append(DeadRecord(
+                    project_id=batch.project_id, api_key_id=batch.api_key_id, batch_public_id=batch.public_id,
+                    batch_pk=batch.pk, source=batch.source, position=position,
+                    op=str(rec.get("op", ""))[:16] if isinstance(rec, dict) else "",
+                    run_ref=str(rec.get("run_id", ""))[:128] if isinstance(rec, dict) else "",
+                    raw=_raw_record(rec), preview=_preview(rec, redactor), error_code=code,
+                    error=f"{type(exc).__name__}: {exc}"[:10_000]))
+                return
+            _merge_changes(changes, part)
+
+        attempt(list(enumerate(recs)))
+        DeadRecord.objects.bulk_create(dead)
+        for record in dead:
+            logger.error("batch %s: record %s dead-lettered (%s): %s", batch.pk, record.position, record.error_code,
+                         record.error[:500])
+        IngestBatch.objects.filter(pk=batch.pk).update(
+            status=IngestBatch.Status.DONE, payload=None, raw=None, lease_expires_at=None,
+            processed_at=timezone.now(), error_code="records_dead" if dead else "",
+            error=f"{len(dead)} of {len(recs)} records dead-lettered (see dead records)" if dead else "")
+    return changes
+
+
 def _project_one(batch: IngestBatch) -> RunChanges | None:
-    """Project one batch in its own transaction; dead-letter or reschedule it on failure."""
+    """Project one batch in its own transaction. If it fails for its data, the records at fault are set
+    aside and the rest stored; an undecodable batch is dead-lettered whole; a database fault retries."""
     if batch.attempts > _max_attempts():
-        _dead(batch, "gave_up", f"projection did not complete after {batch.attempts - 1} attempts "
-                                f"(last error: {batch.error or 'worker lost'})")
+        _settle(batch, _dead, "gave_up", f"projection did not complete after {batch.attempts - 1} attempts "
+                                         f"(last error: {batch.error or 'worker lost'})")
         return None
     changes = RunChanges()
     try:
         with transaction.atomic():
             _project([batch], changes)
-    except _PoisonBatch as exc:
-        _dead(batch, exc.code, str(exc))
-    except (RecordError, KeyError, TypeError, ValueError) as exc:
-        _dead(batch, "invalid_record", f"{type(exc).__name__}: {exc}")
-    except Exception as exc:  # noqa: BLE001 - transient (database) or a bug: retry, then give up
-        _retry_later(batch, exc)
-    else:
         return changes
+    except _PoisonBatch as exc:
+        _settle(batch, _dead, exc.code, str(exc))
+        return None
+    except TRANSIENT as exc:
+        _settle(batch, _retry_later, exc)
+        return None
+    except Exception as exc:  # noqa: BLE001 - the data (or a bug on some records): isolate below
+        logger.warning("batch %s failed as a whole (%r); isolating the records at fault", batch.pk, exc)
+    try:
+        return _project_isolating(batch)
+    except _PoisonBatch as exc:
+        _settle(batch, _dead, exc.code, str(exc))
+    except Exception as exc:  # noqa: BLE001 - transient, or a bug outside any one record: retry, then give up
+        _settle(batch, _retry_later, exc)
     return None
+
+
+class _Heartbeat:
+    """Renews the leases of the batches a worker is projecting, every third of a lease, from a thread
+    with its own connection. Leases can then be short, so a killed worker's batches are taken over
+    within a lease and a sweep, while a long projection keeps its own. A renewal touches only batches
+    still PROCESSING (one that committed meanwhile is DONE and stays so)."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread = threading.Thread(target=self._run, name="traces-lease-heartbeat", daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _run(self) -> None:
+        from django.db import connections
+
+        try:
+            while not self.stop.wait(settings.TRACES_LEASE_SECONDS / 3):
+                try:
+                    IngestBatch.objects.filter(pk__in=self.ids, status=IngestBatch.Status.PROCESSING).update(
+                        lease_expires_at=timezone.now() + _lease())
+                except Exception as exc:  # noqa: BLE001 - a missed renewal costs at worst a duplicate attempt
+                    logger.warning("lease heartbeat for batches %s failed: %r", self.ids[:5], exc)
+        finally:
+            connections.close_all()
 
 
 def inbox_project(*, batch_id: int | None = None, limit: int | None = None) -> int:
@@ -693,6 +839,21 @@ def inbox_project(*, batch_id: int | None = None, limit: int | None = None) -> i
     batches = _claim(batch_id, limit)
     if not batches:
         return 0
+    with _Heartbeat([b.pk for b in batches]):
+        results = _project_claimed(batches)
+    try:
+        left = IngestBatch.objects.filter(pk__in=[b.pk for b in batches], status__in=[
+            IngestBatch.Status.DONE, IngestBatch.Status.DEAD]).aggregate(n=Sum("item_count"))["n"]
+        admission.backlog_add(-(left or 0))
+    except TRANSIENT:
+        pass  # the sweeper's reconcile corrects the counter
+    for changes in results:
+        if changes is not None:
+            publish_changes(changes)
+    return len(batches)
+
+
+def _project_claimed(batches: list[IngestBatch]) -> list[RunChanges | None]:
     results: list[RunChanges | None] = []
     together = [b for b in batches if b.attempts <= _max_attempts()]
     if len(together) > 1 and len(together) == len(batches):
@@ -706,10 +867,7 @@ def inbox_project(*, batch_id: int | None = None, limit: int | None = None) -> i
             results = [_project_one(b) for b in batches]
     else:
         results = [_project_one(b) for b in batches]
-    for changes in results:
-        if changes is not None:
-            publish_changes(changes)
-    return len(batches)
+    return results
 
 
 def inbox_drain(*, batch_id: int | None = None, budget_seconds: float) -> int:
@@ -772,7 +930,64 @@ def inbox_sweep() -> dict[str, int]:
             if not ids:
                 break
             deleted += IngestBatch.objects.filter(pk__in=ids).delete()[0]
-    return {"projected": projected, "deleted": deleted}
+    while ids := list(DeadRecord.objects.filter(created_at__lt=dead_cutoff).values_list("pk", flat=True)[:1000]):
+        deleted += DeadRecord.objects.filter(pk__in=ids).delete()[0]
+    return {"projected": projected, "deleted": deleted, "backlog": admission.backlog_reconcile()}
+
+
+# --- dead letters: counted, and re-projected once their cause is fixed ---------------------------------
+
+
+def dead_letter_counts() -> dict[str, int]:
+    """Dead-lettered batches and records waiting for a look (for /healthz)."""
+    return {"batches": IngestBatch.objects.filter(status=IngestBatch.Status.DEAD).count(),
+            "records": DeadRecord.objects.filter(status=DeadRecord.Status.DEAD).count()}
+
+
+def dead_record_reproject(record: DeadRecord, *, actor: Actor) -> bool:
+    """Project one dead record again (after the code or data that failed it was fixed), with the
+    project's redaction, in its own transaction. True when it is stored now; otherwise its reason is
+    updated and it stays dead."""
+    changes = RunChanges()
+    batch = IngestBatch(pk=record.batch_pk, project_id=record.project_id, api_key_id=record.api_key_id,
+                        public_id=record.batch_public_id, source=record.source)
+    try:
+        rec = json.loads(bytes(record.raw))
+        with transaction.atomic():
+            locked = DeadRecord.objects.select_for_update().filter(pk=record.pk, status=DeadRecord.Status.DEAD)
+            if not locked.exists():
+                return False  # someone else re-projected it
+            redactor = _redactors([record.project_id]).get(record.project_id)
+            for _, problem in _decode_problems([rec]):
+                raise _PoisonBatch("invalid_record", problem)
+            _apply(record.project_id, [(batch, redactor.record(rec) if redactor else rec)], changes)
+            locked.update(status=DeadRecord.Status.REPROJECTED, reprojected_at=timezone.now())
+            audit_record(actor=actor, action="traces.dead_record_reprojected", object_type="traces.deadrecord",
+                         object_id=record.pk, object_repr=str(record), project_id=record.project_id,
+                         after={"batch_id": str(record.batch_public_id), "position": record.position,
+                                "op": record.op, "run_id": record.run_ref})
+    except TRANSIENT:
+        raise
+    except Exception as exc:  # noqa: BLE001 - still failing: say why, keep it
+        DeadRecord.objects.filter(pk=record.pk).update(error=f"{type(exc).__name__}: {exc}"[:10_000])
+        return False
+    publish_changes(changes)
+    return True
+
+
+@transaction.atomic
+def batch_reproject(batch: IngestBatch, *, actor: Actor) -> bool:
+    """Put a dead-lettered batch back in the inbox (fresh attempts) and ask a worker to project it."""
+    n = IngestBatch.objects.filter(pk=batch.pk, status=IngestBatch.Status.DEAD).exclude(payload=None, raw=None).update(
+        status=IngestBatch.Status.PENDING, attempts=0, not_before=None, lease_expires_at=None, error_code="",
+        error="", processed_at=None)
+    if n:
+        audit_record(actor=actor, action="traces.batch_reprojected", object_type="traces.ingestbatch",
+                     object_id=batch.pk, object_repr=str(batch), project_id=batch.project_id,
+                     before={"error_code": batch.error_code, "error": batch.error[:500]},
+                     after={"batch_id": str(batch.public_id)})
+        transaction.on_commit(lambda: _enqueue(batch.pk), robust=True)
+    return bool(n)
 
 
 def run_totals_rebuild(run: Run) -> dict[str, Any]:

@@ -138,7 +138,7 @@ def test_status_codes(grpc_port, project, make_key, settings):
     assert Span.objects.filter(name="root").count() == 1 and Run.objects.get(trace_id=tid.hex()).span_count == 2
 
     # Backlog over the high watermark: UNAVAILABLE with RetryInfo (exporters retry), nothing stored.
-    settings.INGEST_BACKLOG_HIGH, settings.INGEST_BACKLOG_LOW, settings.INGEST_BACKLOG_CHECK_SECONDS = 1, 1, 0
+    settings.INGEST_BACKLOG_HIGH, settings.INGEST_BACKLOG_LOW = 1, 1
     assert _export(grpc_port, b.request(b.span(b.trace_id(), name="waits")).SerializeToString(), auth)[0] \
         == grpc.StatusCode.OK
     before = IngestBatch.objects.count()

@@ -12,7 +12,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from apps.audit.models import AuditEvent
-from apps.traces.models import IngestBatch, Run, Span
+from apps.traces.models import DeadRecord, IngestBatch, Run, Span
 
 from .helpers import accept, at, drain
 
@@ -167,12 +167,15 @@ def test_an_auditor_sees_only_their_projects_rows(client, bob, charlie, traffic)
 
 def test_a_dead_lettered_batch_shows_its_reason_in_the_inbox_admin(client, root, project, make_key):
     key = make_key(project)[0]
-    accept(project, key, [{"op": "run.start", "run_id": "x", "started_at": "not a time"}])
+    accept(project, key, [{"op": "launch.rockets", "run_id": "x"}])  # undecodable: dead as a whole
+    accept(project, key, [{"op": "run.start", "run_id": "y", "started_at": "not a time"}])  # one record at fault
     drain()
-    batch = IngestBatch.objects.get()
-    assert batch.status == "dead"
+    batch = IngestBatch.objects.get(status="dead")
     client.force_login(root)
     listing = client.get("/admin/traces/ingestbatch/?status__exact=dead").content.decode()
     assert "invalid_record" in listing
     detail = client.get(f"/admin/traces/ingestbatch/{batch.pk}/change/").content.decode()
+    assert "invalid_record" in detail and "launch.rockets" in detail
+    dead = DeadRecord.objects.get()
+    detail = client.get(f"/admin/traces/deadrecord/{dead.pk}/change/").content.decode()
     assert "invalid_record" in detail and "not a time" in detail

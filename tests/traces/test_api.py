@@ -21,6 +21,13 @@ def agent(project, make_key, key_client):
     return key_client(make_key(project)[1])
 
 
+def json_nested(depth: int):
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 def post(client, url, body, **headers):
     return client.post(url, data=json.dumps(body), content_type="application/json", **headers)
 
@@ -198,18 +205,28 @@ def test_a_failed_run_names_its_failing_span(agent):
     ("/api/v1/runs", {"run_id": "abc\n"}, "run_id"),
     ("/api/v1/runs", {"started_at": "0001-01-01T00:00:00+01:00"}, "started_at"),
     ("/api/v1/runs", {"started_at": "9999-12-31T00:00:00Z"}, "started_at"),
-    ("/api/v1/runs", {"metadata": {"k": "nul\u0000byte"}}, "body"),
-    ("/api/v1/runs", {"input": {"text": "half a surrogate \ud800"}}, "body"),
+    ("/api/v1/runs", {"metadata": {"k": "nul\u0000byte"}}, "metadata"),
+    ("/api/v1/runs", {"input": {"text": "half a surrogate \ud800"}}, "input"),
+    ("/api/v1/runs", {"input": {"text": "a low half \udfff"}}, "input"),
+    ("/api/v1/runs/r1/spans", [{"span_id": "a"}, {"name": "low half \udfff"}], "spans[1].name"),
+    ("/api/v1/runs/r1/spans", [{"name": "nul \u0000"}], "spans[0].name"),
+    ("/api/v1/runs/r1/spans", [{"kind": "llm", "usage": {"input_tokens": 2**63}}], "spans[0].usage.input_tokens"),
+    ("/api/v1/runs/r1/spans", [{"kind": "llm", "stream": {"chunks": 2**31}}], "spans[0].stream.chunks"),
+    ("/api/v1/runs/r1/spans", [{"details": {"k\u0000": 1}}], "spans[0].details"),
+    ("/api/v1/runs", {"input": {"deep": json_nested(900)}}, "input"),
+    ("/api/v1/runs/r1/spans/s1", {"attributes": {"deep": json_nested(70)}}, "attributes"),
+    ("/api/v1/runs/r1/finish", {"output": "nul \u0000"}, "output"),
 ])
 def test_bad_input_is_refused_with_the_field_at_fault_and_nothing_stored(agent, url, body, field):
-    r = post(agent, url, body)
+    r = agent.patch(url, data=json.dumps(body), content_type="application/json") if url.count("/") == 6 \
+        else post(agent, url, body)
     assert r.status_code == 400, r.json()
     assert r.json()["error_code"] == "invalid_request" and r.json()["details"]["field"] == field
     assert IngestBatch.objects.count() == 0
 
 
 def test_nan_and_infinity_are_not_json(agent):
-    for literal in (b"NaN", b"Infinity", b"-Infinity"):
+    for literal in (b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e999"):
         r = agent.post("/api/v1/runs", data=b'{"input": {"score": ' + literal + b"}}", content_type="application/json")
         assert r.status_code == 400 and r.json()["error_code"] == "parse_error"
     assert IngestBatch.objects.count() == 0

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from apps.audit.models import AuditEvent
 from apps.traces import housekeeping, services, signals
-from apps.traces.models import IngestBatch, Run, Span, SpanUpdate, ToolCall
+from apps.traces.models import DeadRecord, IngestBatch, Run, Span, SpanUpdate, ToolCall
 
 from .helpers import accept, at, drain, finish, span, start, update
 from .workers import purge_queue, start_worker, stop_worker, wait_for
@@ -226,16 +226,19 @@ def test_a_pass_stops_at_its_time_budget_and_the_next_one_goes_on(project, key):
     assert housekeeping.runs_purge_expired()["runs"] == 1
 
 
-def test_dead_batches_are_kept_for_a_week_then_deleted(project, key):
-    accept(project, key, [{"op": "run.start", "run_id": "x", "started_at": "not a time"}])
+def test_dead_batches_and_records_are_kept_for_a_week_then_deleted(project, key):
+    accept(project, key, [{"op": "launch.rockets", "run_id": "x"}])  # undecodable: dead whole
+    accept(project, key, [{"op": "run.start", "run_id": "x", "started_at": "not a time"}])  # one dead record
     drain()
-    dead = IngestBatch.objects.get()
-    assert dead.status == "dead" and dead.payload is not None
+    dead = IngestBatch.objects.get(status="dead")
+    assert dead.payload is not None
+    record = DeadRecord.objects.get()
     services.inbox_sweep()
-    assert IngestBatch.objects.filter(pk=dead.pk).exists()
+    assert IngestBatch.objects.filter(pk=dead.pk).exists() and DeadRecord.objects.filter(pk=record.pk).exists()
     IngestBatch.objects.filter(pk=dead.pk).update(processed_at=timezone.now() - timedelta(days=8))
+    DeadRecord.objects.filter(pk=record.pk).update(created_at=timezone.now() - timedelta(days=8))
     services.inbox_sweep()
-    assert not IngestBatch.objects.filter(pk=dead.pk).exists()
+    assert not IngestBatch.objects.filter(pk=dead.pk).exists() and not DeadRecord.objects.exists()
 
 
 # --- Settings and the schedule ----------------------------------------------------------------------
