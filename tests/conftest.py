@@ -26,6 +26,17 @@ def _fast_hasher(settings):
 
 
 @pytest.fixture(autouse=True)
+def _fresh_backlog():
+    """The inbox's backlog count lives in the shared cache; every test starts and ends with none (the
+    next check reads the test's own inbox)."""
+    from apps.traces import admission
+
+    admission.backlog.reset()
+    yield
+    admission.backlog.reset()
+
+
+@pytest.fixture(autouse=True)
 def anchor_file(settings, tmp_path):
     """Each test anchors the audit chain into its own file: never into DATA_DIR, where `make run` keeps
     real anchors that would not match the test database."""

@@ -1,7 +1,7 @@
 """The canonical write records stored in the inbox, and their validation.
 
-Every write path (the REST API here; OTLP later) turns its input into a list of records before the
-batch is stored, so the projection only ever reads one format:
+Every write path (the REST API here; OTLP in apps.ingest, whose normaliser emits the same records)
+turns its input into a list of records, so the projection only ever reads one format:
 
 * ``{"op": "run.start", "run_id", "agent_name", "agent_version", "input", "end_user", "session_id",
   "parent_run_id", "metadata", "status", "started_at"}``
@@ -11,8 +11,10 @@ batch is stored, so the projection only ever reads one format:
   "failing_span_id", "ended_at"}``
 
 Validation is hand-written rather than DRF serializers: it runs for every span of every batch, and
-it must name the exact field at fault (``spans[3].usage.input_tokens``). Times are stored as
-RFC 3339 strings in UTC. Pure Python: no database access.
+it must name the exact field at fault (``spans[3].usage.input_tokens``). It refuses whatever the
+database could not store (see the limits below), so that nothing accepted fails to store;
+``validate_record`` checks a canonical record from any producer against the same rules. Times are
+stored as RFC 3339 strings in UTC. Pure Python: no database access.
 """
 from __future__ import annotations
 

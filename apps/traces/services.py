@@ -26,7 +26,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
-from django.db.models import F, Q, Sum
+from django.db.models import F, Max, Q, Sum
 from django.utils import timezone
 
 from apps.audit.services import Actor, audit_record
@@ -933,6 +933,13 @@ def inbox_sweep() -> dict[str, int]:
     while ids := list(DeadRecord.objects.filter(created_at__lt=dead_cutoff).values_list("pk", flat=True)[:1000]):
         deleted += DeadRecord.objects.filter(pk__in=ids).delete()[0]
     return {"projected": projected, "deleted": deleted, "backlog": admission.backlog_reconcile()}
+
+
+def seconds_until_leases_expire() -> float | None:
+    """Seconds until the last lease held on a batch runs out (None when no batch is leased)."""
+    latest = IngestBatch.objects.filter(status=IngestBatch.Status.PROCESSING).aggregate(
+        latest=Max("lease_expires_at"))["latest"]
+    return None if latest is None else max((latest - timezone.now()).total_seconds(), 0.0)
 
 
 # --- dead letters: counted, and re-projected once their cause is fixed ---------------------------------

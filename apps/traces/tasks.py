@@ -1,7 +1,12 @@
+import logging
+
 from celery import shared_task
+from celery.signals import worker_ready
 from django.conf import settings
 
 from . import housekeeping, services
+
+logger = logging.getLogger(__name__)
 
 
 @shared_task(name="traces.inbox_project", queue="ingest", ignore_result=True)
@@ -33,3 +38,16 @@ def runs_purge_expired() -> dict:
 def stats_refresh() -> list:
     """Beat: with autovacuum off, ANALYZE the run log's tables whose statistics went stale."""
     return housekeeping.stats_refresh()
+
+
+@worker_ready.connect
+def sweep_when_a_worker_starts(sender=None, **kwargs) -> None:
+    """A worker that starts (a replacement for one that was killed, say) takes over what waits now, and
+    sweeps again just after the last lease still held runs out, rather than at beat's next tick."""
+    try:
+        inbox_sweep.apply_async()
+        wait = services.seconds_until_leases_expire()
+        if wait is not None:
+            inbox_sweep.apply_async(countdown=wait + 1)
+    except Exception as exc:  # noqa: BLE001 - beat's sweep takes over all the same
+        logger.warning("could not schedule the start-up sweep: %r", exc)
