@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,12 +39,25 @@ class OtlpDecodeError(ValueError):
 
 
 REPLACEMENT = "\ufffd"
+# The attribute that marks a stored span or log event whose strings had NUL replaced (how many).
+REPLACED_ATTRIBUTE = "controlplane.nul_replaced"
+_replaced = threading.local()
 
 
 def clean(text: str) -> str:
     """A string the store can hold: NUL (valid UTF-8, refused by the database's text and JSON types)
-    becomes U+FFFD, visibly. Protobuf itself refuses other invalid UTF-8 at parse."""
-    return text.replace("\x00", REPLACEMENT) if "\x00" in text else text
+    becomes U+FFFD, visibly, and is counted (``replacements``). Protobuf refuses other invalid UTF-8."""
+    if "\x00" not in text:
+        return text
+    _replaced.count = getattr(_replaced, "count", 0) + 1
+    return text.replace("\x00", REPLACEMENT)
+
+
+def replacements() -> int:
+    """How many strings ``clean`` changed since the last call (this thread), and start again."""
+    count = getattr(_replaced, "count", 0)
+    _replaced.count = 0
+    return count
 
 
 def any_value(v) -> Any:
@@ -209,64 +223,6 @@ def count_traces(request: ExportTraceServiceRequest) -> tuple[int, int, str]:
     return _count(spans, span_problem, lambda i, s: f"span {s.span_id.hex() or i!s} ({s.name[:100]!r})")
 
 
-def _value_has_nul(v) -> bool:
-    which = v.WhichOneof("value")
-    if which == "string_value":
-        return "\x00" in v.string_value
-    if which == "array_value":
-        return any(_value_has_nul(x) for x in v.array_value.values)
-    if which == "kvlist_value":
-        return _kvs_have_nul(v.kvlist_value.values)
-    return False
-
-
-def _kvs_have_nul(kvs) -> bool:
-    # Written for speed (it reads every attribute of every accepted span): a string value is read
-    # directly; only a value that is not a string is asked what it is (arrays and maps go deeper).
-    for kv in kvs:
-        value = kv.value
-        text = value.string_value
-        if text:
-            if "\x00" in text:
-                return True
-        elif value.WhichOneof("value") in ("array_value", "kvlist_value") and _value_has_nul(value):
-            return True
-        if "\x00" in kv.key:
-            return True
-    return False
-
-
-def traces_repaired(request: ExportTraceServiceRequest) -> int:
-    """How many accepted spans hold a NUL in a string other than their name (attributes, events,
-    status message, links, their resource or scope), which is stored as U+FFFD: said in
-    ``partial_success`` so the change is never silent."""
-    repaired = 0
-    for rs in request.resource_spans:
-        outer = _kvs_have_nul(rs.resource.attributes)
-        for ss in rs.scope_spans:
-            scope = outer or "\x00" in ss.scope.name or "\x00" in ss.scope.version
-            for span in ss.spans:
-                if (scope or _kvs_have_nul(span.attributes) or "\x00" in span.status.message
-                        or (span.events and any("\x00" in e.name or _kvs_have_nul(e.attributes) for e in span.events))
-                        or (span.links and any(_kvs_have_nul(link.attributes) for link in span.links))) \
-                        and span_problem(span) is None:
-                    repaired += 1
-    return repaired
-
-
-def logs_repaired(request: ExportLogsServiceRequest) -> int:
-    repaired = 0
-    for rl in request.resource_logs:
-        outer = _kvs_have_nul(rl.resource.attributes)
-        for sl in rl.scope_logs:
-            for r in sl.log_records:
-                if log_problem(r) is None and (
-                        outer or "\x00" in r.event_name or "\x00" in r.severity_text
-                        or _kvs_have_nul(r.attributes) or (r.HasField("body") and _value_has_nul(r.body))):
-                    repaired += 1
-    return repaired
-
-
 def count_logs(request: ExportLogsServiceRequest) -> tuple[int, int, str]:
     records = (r for rl in request.resource_logs for sl in rl.scope_logs for r in sl.log_records)
     return _count(records, log_problem, lambda i, r: f"log record {i}")
@@ -276,11 +232,19 @@ def count_logs(request: ExportLogsServiceRequest) -> tuple[int, int, str]:
 
 
 def span_views(request: ExportTraceServiceRequest) -> list[dict]:
+    """What the normaliser reads of each valid span. A span with NUL in a string other than its name
+    (attributes, events, status message, links, its resource or scope) is kept with U+FFFD in its
+    place and carries ``controlplane.nul_replaced``: the count, so the change is visible on the span.
+    (Saying so in ``partial_success`` would mean reading every string of every span while the client
+    waits: measured, that took the accept's p99 at 5,000 spans/s past its 100 ms target.)"""
     views = []
     for rs in request.resource_spans:
+        replacements()
         resource = attributes(rs.resource.attributes)
+        in_resource = replacements()
         for ss in rs.scope_spans:
             scope = clean(ss.scope.name)
+            outer = in_resource + replacements()
             for span in ss.spans:
                 if span_problem(span) is not None:
                     continue
@@ -299,6 +263,9 @@ def span_views(request: ExportTraceServiceRequest) -> list[dict]:
                     view["links"] = [{"trace_id": link.trace_id.hex(), "span_id": link.span_id.hex(),
                                       **({"attributes": attributes(link.attributes)} if link.attributes else {})}
                                      for link in span.links]
+                replaced = outer + replacements()
+                if replaced:
+                    view["attributes"][REPLACED_ATTRIBUTE] = replaced
                 views.append(view)
     return views
 
@@ -315,6 +282,7 @@ def log_records(request: ExportLogsServiceRequest) -> list[dict]:
             for record in sl.log_records:
                 if log_problem(record) is not None:
                     continue
+                replacements()
                 attrs = attributes(record.attributes)
                 name = clean(record.event_name) or attrs.pop("event.name", None) or "log"
                 event_attrs = dict(attrs)
@@ -322,6 +290,9 @@ def log_records(request: ExportLogsServiceRequest) -> list[dict]:
                     event_attrs["body"] = any_value(record.body)
                 if record.severity_text:
                     event_attrs["severity"] = clean(record.severity_text)
+                replaced = replacements()
+                if replaced:
+                    event_attrs[REPLACED_ATTRIBUTE] = replaced
                 elif record.severity_number:
                     event_attrs["severity_number"] = record.severity_number
                 when = record.time_unix_nano or record.observed_time_unix_nano

@@ -92,20 +92,15 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _accept(key: ApiKey, body: bytes, content_type: str, *, parse, count, repaired, kind: str, noun: str,
+def _accept(key: ApiKey, body: bytes, content_type: str, *, parse, count, kind: str, noun: str,
             source: str) -> tuple[int, str]:
-    """Validate and store one export request. Returns (items rejected, the English message for them,
-    which also says how many accepted items had characters replaced)."""
+    """Validate and store one export request. Returns (items rejected, the English message for them)."""
     try:
         request = parse(body, content_type)
     except otlp.OtlpDecodeError as exc:
         raise Refusal(400, ErrorCode.PARSE_ERROR, str(exc)) from None
     accepted, rejected, first = count(request)
-    notes = [f"{_plural(rejected, noun)} rejected; the first: {first}"] if rejected else []
-    fixed = repaired(request) if accepted else 0
-    if fixed:
-        notes.append(f"{_plural(fixed, noun)} accepted with NUL characters replaced by U+FFFD")
-    message = ". ".join(notes)
+    message = f"{_plural(rejected, noun)} rejected; the first: {first}" if rejected else ""
     if accepted:
         raw = body if content_type == otlp.PROTOBUF else request.SerializeToString()
         batch_accept(project=key.project, api_key=key, source=source, kind=kind, raw=raw,
@@ -114,12 +109,10 @@ def _accept(key: ApiKey, body: bytes, content_type: str, *, parse, count, repair
 
 
 def accept_traces(key: ApiKey, body: bytes, content_type: str, *, source: str = "otlp") -> tuple[int, str]:
-    return _accept(key, body, content_type, parse=otlp.parse_traces, count=otlp.count_traces,
-                   repaired=otlp.traces_repaired, kind=TRACES_KIND,
+    return _accept(key, body, content_type, parse=otlp.parse_traces, count=otlp.count_traces, kind=TRACES_KIND,
                    noun="span", source=source)
 
 
 def accept_logs(key: ApiKey, body: bytes, content_type: str, *, source: str = "otlp") -> tuple[int, str]:
-    return _accept(key, body, content_type, parse=otlp.parse_logs, count=otlp.count_logs,
-                   repaired=otlp.logs_repaired, kind=LOGS_KIND,
+    return _accept(key, body, content_type, parse=otlp.parse_logs, count=otlp.count_logs, kind=LOGS_KIND,
                    noun="log record", source=source)
