@@ -32,7 +32,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from apps.traces.records import MAX_DEPTH, MAX_TOKENS, json_problem
+from apps.traces.records import MAX_DEPTH, MAX_TOKENS, STRICT_JSON, json_problem
 
 # OTel status codes
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
@@ -140,7 +140,7 @@ def json_or_text(value: Any) -> Any:
         stripped = value.lstrip()
         if stripped[:1] in ("[", "{"):
             try:
-                decoded = _DECODER.decode(value)
+                decoded = STRICT_JSON.decode(value)  # NaN, 1e400: not decoded, the text stays
             except (ValueError, RecursionError):
                 return value
             # The text is valid UTF-8 without NUL (protobuf and any_value saw to that): only an escape
@@ -154,22 +154,6 @@ def json_or_text(value: Any) -> Any:
 
 
 _RISKY_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")  # an escaped NUL or UTF-16 surrogate half
-
-
-def _not_a_number(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text[:40]} is out of range")
-    return value
-
-
-# One decoder, built once (json.loads with hooks would build one per call): NaN, Infinity and numbers
-# past a double fail the decoding, so such text stays text.
-_DECODER = json.JSONDecoder(parse_constant=_not_a_number, parse_float=_finite)
 
 
 def _bounded(value: Any) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from typing import Any
 
@@ -72,17 +71,6 @@ def _writer(request) -> None:
                        headers={"Retry-After": str(refusal.retry_after)} if refusal.retry_after else None) from None
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 parses as inf, which no JSON column can hold
-        raise ValueError(f"the number {text[:40]} is out of range")
-    return value
-
-
 def _json_body(request, *, empty_ok: bool = False) -> tuple[bytes, Any]:
     try:
         raw = request.body
@@ -98,7 +86,7 @@ def _json_body(request, *, empty_ok: bool = False) -> tuple[bytes, Any]:
             return raw, {}
         raise ApiError(ErrorCode.INVALID_REQUEST, "The request body is empty.", details={"field": "body"})
     try:
-        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+        data = json.loads(raw, parse_constant=records.reject_constant, parse_float=records.finite_float)
     except UnicodeDecodeError:
         raise ApiError(ErrorCode.PARSE_ERROR, "The body is not UTF-8 JSON.") from None
     except json.JSONDecodeError as exc:

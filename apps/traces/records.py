@@ -72,6 +72,23 @@ def now_iso() -> str:
 
 # --- primitive checks ---------------------------------------------------------------------------
 
+def reject_constant(name: str):
+    """``parse_constant`` for json: NaN and Infinity are not JSON numbers, and no JSON column holds them."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def finite_float(text: str) -> float:
+    """``parse_float`` for json: 1e400 parses as inf, which no JSON column can hold."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+# Built once (json.loads with hooks builds a decoder per call).
+STRICT_JSON = json.JSONDecoder(parse_constant=reject_constant, parse_float=finite_float)
+
+
 def _max_field_bytes() -> int:
     return getattr(settings, "TRACES_MAX_FIELD_BYTES", 1024 * 1024)
 

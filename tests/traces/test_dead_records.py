@@ -177,6 +177,27 @@ def test_operators_reproject_from_the_admin_auditors_cannot(client, project, mak
     assert "still dead" in r.content.decode()
 
 
+def test_outsiders_and_other_projects_operators_neither_see_nor_reproject_dead_records(
+        client, project, other_project, make_key, charlie, django_user_model):
+    accept_bytes(project, make_key(project)[0], [*_good("r7"), _poison("r7", "bad", name="x\x00")])
+    drain()
+    dead = DeadRecord.objects.get()
+    charlie.is_staff = True  # staff with no role anywhere
+    charlie.save()
+    client.force_login(charlie)
+    assert client.get("/admin/traces/deadrecord/").status_code == 403
+    assert client.get(f"/admin/traces/deadrecord/{dead.pk}/change/").status_code in (302, 403, 404)
+
+    erin = django_user_model.objects.create_user("erin", password="pw", is_staff=True)
+    project_services.role_grant(project=other_project, user=erin, role=Role.OPERATOR, actor=None)
+    client.force_login(erin)  # operator, but of globex: acme's record is not hers to see or act on
+    listing = client.get("/admin/traces/deadrecord/")
+    assert listing.status_code == 200 and str(dead.batch_public_id) not in listing.content.decode()
+    client.post("/admin/traces/deadrecord/", {"action": "reproject", "_selected_action": [dead.pk]})
+    assert not AuditEvent.objects.filter(action="traces.dead_record_reprojected").exists()
+    assert client.get(f"/admin/traces/deadrecord/{dead.pk}/change/").status_code in (302, 404)
+
+
 @pytest.fixture
 def root_actor():
     from apps.audit.services import Actor
