@@ -45,9 +45,11 @@ demo: migrate
 test: $(STAMP)
 	$(PY) -m pytest --create-db $(PYTEST_ARGS)
 
+## ruff, no missing migration, and the layer order of STYLE.md §1 (import-linter contracts in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) manage.py makemigrations --check --dry-run
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 clean:
 	rm -rf $(VENV) var

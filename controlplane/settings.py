@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "guardian",
     "channels",
+    "controlplane",  # the composition root: its `serve` command wires web + worker + beat + gRPC
     "apps.common",
     "apps.audit",
     "apps.projects",
@@ -131,7 +132,7 @@ else:
     # the broker's polling never contends with the application's write lock.
     CELERY_BROKER_URL = f"sqla+sqlite:///{DATA_DIR / 'celery-broker.sqlite3'}"
     # Embedded mode runs web, worker and beat in one process, so the in-memory layer reaches
-    # every consumer (see apps/common/management/commands/serve.py).
+    # every consumer (see controlplane/management/commands/serve.py).
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
@@ -245,12 +246,14 @@ CELERY_EMBEDDED_QUEUES = ["default", "ingest", "gpu"]
 # third of a lease, so this bounds the take-over time, not the length of a projection (seconds).
 TRACES_LEASE_SECONDS = env_int("TRACES_LEASE_SECONDS", 15, minimum=1)
 TRACES_MAX_ATTEMPTS = env_int("TRACES_MAX_ATTEMPTS", 5, minimum=1)
-TRACES_PROJECT_BATCH_LIMIT = env_int("TRACES_PROJECT_BATCH_LIMIT", 20, minimum=1)
+TRACES_PROJECTION_BATCH_LIMIT = env_int("TRACES_PROJECTION_BATCH_LIMIT", 20, minimum=1)
 # One projection transaction takes at most this many records (spans, updates…), at least one batch;
-# a projection task goes on claiming for up to TRACES_PROJECT_TASK_SECONDS while batches wait.
-TRACES_PROJECT_ITEM_LIMIT = env_int("TRACES_PROJECT_ITEM_LIMIT", 2000, minimum=1)
-TRACES_PROJECT_TASK_SECONDS = env_float("TRACES_PROJECT_TASK_SECONDS", 10, minimum=0)
+# a projection task goes on claiming for up to TRACES_PROJECTION_TASK_SECONDS while batches wait.
+TRACES_PROJECTION_ITEM_LIMIT = env_int("TRACES_PROJECTION_ITEM_LIMIT", 2000, minimum=1)
+TRACES_PROJECTION_TASK_SECONDS = env_float("TRACES_PROJECTION_TASK_SECONDS", 10, minimum=0)
 TRACES_INBOX_RETENTION_HOURS = env_int("TRACES_INBOX_RETENTION_HOURS", 24, minimum=1)
+# The beat sweep projects what waits (lost enqueues, expired leases, retries due) for at most this long.
+TRACES_SWEEP_BUDGET_SECONDS = env_float("TRACES_SWEEP_BUDGET_SECONDS", 30, minimum=0)
 TRACES_MAX_FIELD_BYTES = env_int("TRACES_MAX_FIELD_BYTES", 1024 * 1024, minimum=1024)
 # Housekeeping (beat). A RUNNING run with no new span for this many minutes becomes LOST (a later span
 # brings it back to RUNNING).
@@ -280,6 +283,15 @@ INGEST_RATE_LIMIT_PER_MINUTE = env_int("INGEST_RATE_LIMIT_PER_MINUTE", 0, minimu
 # OTLP/gRPC: `manage.py otlp_grpc` listens here; `make run` (embedded) serves it in-process (0: not at all).
 OTLP_GRPC_PORT = env_int("OTLP_GRPC_PORT", 4317, minimum=0)
 OTLP_GRPC_WORKERS = env_int("OTLP_GRPC_WORKERS", 8, minimum=1)
+
+# --- Accounts ------------------------------------------------------------------------------------------
+# The first admin (`manage.py ensure_admin`, run by `make run`): a generated password is printed once
+# when ADMIN_PASSWORD (or ADMIN_PASSWORD_FILE) is not set.
+ADMIN_USERNAME = env_str("ADMIN_USERNAME", "admin")
+ADMIN_PASSWORD = env_str("ADMIN_PASSWORD")
+ADMIN_EMAIL = env_str("ADMIN_EMAIL", "")
+# The password `manage.py db_app_role` gives the application's PostgreSQL role (empty: leave it as it is).
+DATABASE_APP_PASSWORD = env_str("DATABASE_APP_PASSWORD")
 
 # --- The audit log (apps.audit) ----------------------------------------------------------------------
 # The hash chain cannot show that its newest rows were deleted, so beat anchors the tip (seq, hash,

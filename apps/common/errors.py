@@ -18,6 +18,9 @@ from rest_framework.response import Response
 
 logger = logging.getLogger(__name__)
 
+# How long a client should wait after a transient fault of ours (the database unreachable): the one
+# Retry-After of every door (the API, pages, OTLP/HTTP, OTLP/gRPC). Backlog shedding has its own,
+# settings.INGEST_BACKLOG_RETRY_AFTER.
 RETRY_AFTER_SECONDS = 5
 
 
@@ -70,13 +73,16 @@ def envelope(error_code: str, message: str, details: dict | None = None) -> dict
     return {"error_code": error_code, "message": message, "details": details or {}}
 
 
+def retry_after_header() -> dict[str, str]:
+    return {"Retry-After": str(RETRY_AFTER_SECONDS)}
+
+
 def unavailable_response() -> JsonResponse:
-    resp = JsonResponse(
+    """503 + Retry-After in the envelope, outside DRF (middleware, health check, the 500 handler)."""
+    return JsonResponse(
         envelope(ErrorCode.SERVICE_UNAVAILABLE, "The service is temporarily unavailable; retry later."),
-        status=503,
+        status=503, headers=retry_after_header(),
     )
-    resp["Retry-After"] = str(RETRY_AFTER_SECONDS)
-    return resp
 
 
 _AUTH_FAILED_CODES = {
@@ -127,7 +133,7 @@ def api_exception_handler(exc: Exception, context: dict) -> Response | None:
         return Response(
             envelope(ErrorCode.SERVICE_UNAVAILABLE, "The database is unavailable; retry later."),
             status=503,
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            headers=retry_after_header(),
         )
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()

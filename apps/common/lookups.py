@@ -2,7 +2,7 @@
 
 ``field__in=[...]`` sends one parameter per value, and Django compiles each one; with the thousands of
 span ids a projection batch asks about, compiling and planning the IN list cost more than running it
-(about 4x slower than ``= ANY(%s)`` on 8,000 ids). Elsewhere (SQLite) it is an ordinary IN list.
+(measured in bench/RESULTS.md). Elsewhere (SQLite) it is an ordinary IN list.
 """
 from __future__ import annotations
 

@@ -49,8 +49,7 @@ class DatabaseUnavailableMiddleware(MiddlewareMixin):
     It is deliberately sync-only and last in MIDDLEWARE: Django then runs every other middleware in
     sync mode on one worker thread per request, instead of hopping between the event loop and a
     thread for each of their process_request/process_response hooks. The view is still reached
-    through Django's async core (a couple of switches, not a dozen). Measured in bench/RESULTS.md:
-    accepted spans/s 1,262 -> 1,579.
+    through Django's async core (a couple of switches, not a dozen). Measured in bench/RESULTS.md.
     """
 
     sync_capable = True

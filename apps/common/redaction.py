@@ -1,9 +1,9 @@
 """Redaction: personal data and secrets replaced by typed placeholders before anything is stored.
 
 Pure Python (no Django): ``Redactor(extra_patterns, exempt_attributes)`` holds the compiled rules;
-``redact_record(record)`` returns a canonical write record (records.py) with every free-text value
-redacted. The projection calls it on each record before it reaches Run / Span / ToolCall, so the
-REST and OTLP paths (and any later one) share it.
+``Redactor.text`` redacts a string and ``Redactor.value`` every string in a JSON value. Which values
+of a record are free text is the record's owner's to say (``apps.traces.records.redact``): this
+module knows strings and JSON, no app's schema.
 
 What is replaced, and by what:
 
@@ -21,12 +21,9 @@ PHONE      ``+``/``00`` and 8-15 digits; or a national number of 9-11 digits   `
 IP         IPv4 dotted quads; IPv6 (validated by ``ipaddress``)                ``[IP]``
 ========== =================================================================== ================
 
-Which fields: every string inside inputs, outputs, messages, tool arguments / results / errors,
-events, attributes, details, metadata, status messages, span names and endpoints; identifiers
-(run, span and trace ids, kinds, statuses, times, model and provider names) are structure and are
-left alone, as are the run's ``end_user`` and ``session_id``, which are the attribution the sender
-chose to give. Dictionary *keys* are schema and are left alone; values under an exempt attribute key
-(a project setting; ``fnmatch`` patterns such as ``http.client_ip`` or ``app.debug.*``) are kept.
+Dictionary *keys* are schema and are left alone; in a map of attributes (``exemptable``), values
+under an exempt key (a project setting; ``fnmatch`` patterns such as ``http.client_ip`` or
+``app.debug.*``) are kept.
 """
 from __future__ import annotations
 
@@ -40,9 +37,12 @@ from typing import Any
 BUILTIN_TYPES = ("EMAIL", "CARD", "API_KEY", "JWT", "BEARER", "PHONE", "IP")
 PLACEHOLDERS = {"EMAIL": "[EMAIL]", "CARD": "[CARD]", "API_KEY": "[API_KEY]", "JWT": "[JWT]",
                 "BEARER": "Bearer [TOKEN]", "PHONE": "[PHONE]", "IP": "[IP]"}
-NAME_RE = re.compile(r"[A-Z][A-Z0-9_]{0,39}")
+# A project's settings (validated here; the projects API's serializers read the same limits).
+NAME_RE = re.compile(r"[A-Z][A-Z0-9_]{0,39}")  # an extra pattern's name; used with fullmatch
 MAX_PATTERN_LEN = 500
 MAX_EXTRA_PATTERNS = 50
+MAX_EXEMPT_ATTRIBUTES = 200
+MAX_EXEMPT_ATTRIBUTE_LEN = 200
 # The shortest thing any built-in rule matches is an email like a@b.io (6 characters).
 _MIN_LEN = 6
 
@@ -74,15 +74,6 @@ _BUILTIN = [
     ("IP6", r"[0-9A-Fa-f:](?<![\w:.].)[0-9A-Fa-f]{0,3}:(?:[0-9A-Fa-f]{0,4}:){1,6}[0-9A-Fa-f]{0,4}"
             r"(?:(?<=:)(?:\d{1,3}\.){3}\d{1,3})?(?![\w:.])"),
 ]
-
-# Record keys whose values are structure (ids, enums, times, model names), never free text.
-_KEEP_RUN_START = frozenset({"op", "run_id", "agent_name", "agent_version", "end_user", "session_id",
-                             "parent_run_id", "status", "started_at"})
-_KEEP_RUN_FINISH = frozenset({"op", "run_id", "status", "error_code", "failing_span_id", "ended_at"})
-_KEEP_SPAN = frozenset({"span_id", "parent_span_id", "kind", "start_time", "end_time", "status", "error_code",
-                        "provider", "model", "response_model", "retry_of", "fallback_of", "usage",
-                        "time_to_first_token_ms", "stream", "component"})
-_EXEMPTABLE = frozenset({"attributes", "details", "metadata"})
 
 
 _JWT = re.compile(dict(_BUILTIN)["JWT"])
@@ -174,10 +165,12 @@ def validate_extra_patterns(patterns: Any) -> list[dict]:
 def validate_exempt_attributes(keys: Any) -> list[str]:
     if keys in (None, ""):
         return []
-    if not isinstance(keys, list) or not all(isinstance(k, str) and 0 < len(k) <= 200 for k in keys):
-        raise PatternError("must be a list of attribute names (fnmatch patterns allowed), each 1-200 characters.")
-    if len(keys) > 200:
-        raise PatternError("at most 200 exempt attributes.")
+    if not isinstance(keys, list) or not all(isinstance(k, str) and 0 < len(k) <= MAX_EXEMPT_ATTRIBUTE_LEN
+                                             for k in keys):
+        raise PatternError("must be a list of attribute names (fnmatch patterns allowed), "
+                           f"each 1-{MAX_EXEMPT_ATTRIBUTE_LEN} characters.")
+    if len(keys) > MAX_EXEMPT_ATTRIBUTES:
+        raise PatternError(f"at most {MAX_EXEMPT_ATTRIBUTES} exempt attributes.")
     return sorted(set(keys))
 
 
@@ -267,43 +260,6 @@ class Redactor:
         if isinstance(value, list):
             return [self.value(v) for v in value]
         return value
-
-    # -- records -------------------------------------------------------------------------------
-
-    def _span_fields(self, fields: dict) -> dict:
-        out = {}
-        for key, value in fields.items():
-            if key in _KEEP_SPAN or value is None:
-                out[key] = value
-            elif key == "tool" and isinstance(value, dict):
-                out[key] = {k: (v if k in ("name", "call_id") else self.value(v)) for k, v in value.items()}
-            elif key == "events":
-                out[key] = [self._event(e) for e in value] if isinstance(value, list) else self.value(value)
-            else:
-                out[key] = self.value(value, exemptable=key in _EXEMPTABLE)
-        return out
-
-    def _event(self, event: Any) -> Any:
-        if not isinstance(event, dict):
-            return self.value(event)
-        out = dict(event)
-        if "name" in out:
-            out["name"] = self.value(out["name"])
-        if "attributes" in out:
-            out["attributes"] = self.value(out["attributes"], exemptable=True)
-        return out
-
-    def record(self, record: dict) -> dict:
-        op = record.get("op")
-        if op == "span":
-            return {**record, "span": self._span_fields(record["span"])}
-        if op == "span.update":
-            return {**record, "fields": self._span_fields(record["fields"])}
-        keep = _KEEP_RUN_START if op == "run.start" else _KEEP_RUN_FINISH if op == "run.finish" else None
-        if keep is None:
-            return record
-        return {k: (v if k in keep or v is None else self.value(v, exemptable=k in _EXEMPTABLE))
-                for k, v in record.items()}
 
 
 def redact_text(text: str) -> str:

@@ -21,16 +21,14 @@ from django.db import InterfaceError, OperationalError, close_old_connections
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from apps.common.errors import ErrorCode
-
 from . import otlp, services
 from .services import Refusal
+from .views import store_unavailable
 
 logger = logging.getLogger(__name__)
 
 TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 LOGS_SERVICE = "opentelemetry.proto.collector.logs.v1.LogsService"
-DB_RETRY_AFTER = 5
 
 
 def _key(metadata) -> str | None:
@@ -64,8 +62,7 @@ def _handler(accept, respond):
             _abort(context, refusal)
         except (OperationalError, InterfaceError) as exc:
             logger.warning("OTLP gRPC receiver: database unavailable: %s", exc)
-            _abort(context, Refusal(503, ErrorCode.SERVICE_UNAVAILABLE, "The store is unavailable; retry later.",
-                                    retry_after=DB_RETRY_AFTER))
+            _abort(context, store_unavailable())
         finally:
             close_old_connections()
 
@@ -79,7 +76,7 @@ def build_server(*, host: str = "127.0.0.1", port: int | None = None, workers: i
     port = settings.OTLP_GRPC_PORT if port is None else port
     limit = services.max_body_bytes()
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers or getattr(settings, "OTLP_GRPC_WORKERS", 8),
+        futures.ThreadPoolExecutor(max_workers=workers or settings.OTLP_GRPC_WORKERS,
                                    thread_name_prefix="otlp-grpc"),
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 1024 * 1024),
                  ("grpc.so_reuseport", 0)],  # a port in use is an error, not a silently shared port

@@ -8,7 +8,7 @@ Pure Python (no Django): the input is a *span view*, a plain dict decoded from O
      "resource": {key: value}, "scope": str, "size": int (the span's encoded size, when known)}
 
 and the output is the canonical records of ``apps.traces.records`` (``span``, ``run.start``,
-``run.finish``). Dialects understood, current and deprecated spellings:
+``run.finish``: the TypedDicts there, within its limits). Dialects understood, current and deprecated spellings:
 
 * OpenTelemetry GenAI (``gen_ai.*``): operation, provider/system, request/response model, tokens
   (incl. cache read/creation and reasoning), tools, agents, conversation, messages and system
@@ -32,7 +32,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from apps.traces.records import MAX_DEPTH, MAX_TOKENS, STRICT_JSON, json_problem
+from apps.traces.records import MAX_CHARS, MAX_DEPTH, MAX_FIELD_BYTES, MAX_TOKENS, STRICT_JSON, json_problem
 
 # OTel status codes
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
@@ -73,7 +73,7 @@ AGGREGATE_KINDS = frozenset({"agent", "chain", "loop", "loop.move", "loop.iterat
 MESSAGE_EVENTS = {"gen_ai.system.message": "system", "gen_ai.user.message": "user",
                   "gen_ai.assistant.message": "assistant", "gen_ai.tool.message": "tool"}
 LOOP_PREFIX = "tangle.loop."
-MAX_FIELD_CHARS = 1024 * 1024
+MAX_FIELD_CHARS = MAX_FIELD_BYTES  # one field's encoded size: the record contract's
 
 _INDEXED_PREFIXES = ("llm.input_messages.", "llm.output_messages.", "gen_ai.prompt.", "gen_ai.completion.")
 _INDEXED = re.compile(r"^(llm\.input_messages|llm\.output_messages|gen_ai\.prompt|gen_ai\.completion)\.(\d+)\.(.+)$")
@@ -125,7 +125,7 @@ def _float(value: Any) -> float | None:
     return None
 
 
-def _str(value: Any, limit: int = 500) -> str:
+def _str(value: Any, limit: int) -> str:
     if value is None:
         return ""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
@@ -282,7 +282,7 @@ def _events(view: dict, used_names: set[str]) -> tuple[list, list, list, list]:
                 "explanation": attrs.get("gen_ai.evaluation.explanation"),
                 "response_id": attrs.get("gen_ai.response.id"),
             }.items() if v is not None})
-        item: dict[str, Any] = {"name": name[:500]}
+        item: dict[str, Any] = {"name": name[:MAX_CHARS["event.name"]]}
         if event.get("time_ns"):
             item["time"] = iso(event["time_ns"])
         if attrs:
@@ -309,31 +309,31 @@ def normalise_span(view: dict) -> tuple[dict, dict]:
 
     span: dict[str, Any] = {
         "span_id": view["span_id"], "parent_span_id": view.get("parent_span_id") or "",
-        "name": name[:500], "kind": kind, "start_time": iso(view["start_ns"]),
+        "name": name[:MAX_CHARS["name"]], "kind": kind, "start_time": iso(view["start_ns"]),
         "status": {STATUS_OK: "ok", STATUS_ERROR: "error"}.get(view.get("status_code", 0), "unset"),
     }
     if view.get("end_ns"):
         span["end_time"] = iso(max(view["end_ns"], view["start_ns"]))
     if view.get("status_message"):
-        span["status_message"] = _str(view["status_message"], 10_000)
+        span["status_message"] = _str(view["status_message"], MAX_CHARS["status_message"])
     error_type = attrs.get("error.type")
     if error_type:
         used.add("error.type")
-        span["error_code"] = _str(error_type, 100)
+        span["error_code"] = _str(error_type, MAX_CHARS["error_code"])
 
     provider = _first(attrs, PROVIDER_ATTRS, used)
     if provider:
-        span["provider"] = _str(provider, 100)
+        span["provider"] = _str(provider, MAX_CHARS["provider"])
     model = _first(attrs, REQUEST_MODEL_ATTRS, used)
     if model:
-        span["model"] = _str(model, 200)
+        span["model"] = _str(model, MAX_CHARS["model"])
     response_model = _first(attrs, RESPONSE_MODEL_ATTRS, used)
     if response_model:
-        span["response_model"] = _str(response_model, 200)
+        span["response_model"] = _str(response_model, MAX_CHARS["response_model"])
     host = attrs.get("server.address")
     if host:
         port = attrs.get("server.port")
-        span["endpoint"] = _str(f"{host}:{port}" if port else host, 500)
+        span["endpoint"] = _str(f"{host}:{port}" if port else host, MAX_CHARS["endpoint"])
         used.update(("server.address", "server.port"))
 
     # Token counts. Aggregating spans (an agent's own totals) keep them as attributes only.
@@ -376,10 +376,10 @@ def normalise_span(view: dict) -> tuple[dict, dict]:
     if kind == "tool":
         tool: dict[str, Any] = {}
         tool_name = _first(attrs, ("gen_ai.tool.name", "tool.name", "tool_call.function.name"), used)
-        tool["name"] = _str(tool_name or name, 200) or "tool"
+        tool["name"] = _str(tool_name or name, MAX_CHARS["tool.name"]) or "tool"
         call_id = _first(attrs, ("gen_ai.tool.call.id", "tool_call.id"), used)
         if call_id:
-            tool["call_id"] = _str(call_id, 200)
+            tool["call_id"] = _str(call_id, MAX_CHARS["tool.call_id"])
         arguments = _first(attrs, ("gen_ai.tool.call.arguments", "tool_call.function.arguments", "tool.parameters"),
                            used)
         if arguments is None and input_value is not None:
@@ -392,7 +392,7 @@ def normalise_span(view: dict) -> tuple[dict, dict]:
         if result is not None:
             tool["result"] = bounded(json_or_text(result))
         if span["status"] == "error":
-            tool["error"] = _str(view.get("status_message") or error_type or "error", 10_000)
+            tool["error"] = _str(view.get("status_message") or error_type or "error", MAX_CHARS["tool.error"])
         span["tool"] = tool
     else:
         if input_messages is None and input_value is not None:
@@ -422,18 +422,18 @@ def normalise_span(view: dict) -> tuple[dict, dict]:
     hints: dict[str, Any] = {}
     agent_name = _first(attrs, AGENT_NAME_ATTRS, used)
     if agent_name:
-        hints["agent_name"] = _str(agent_name, 200)
+        hints["agent_name"] = _str(agent_name, MAX_CHARS["agent_name"])
         if kind in ("agent", "chain"):
-            span["component"] = _str(agent_name, 200)
+            span["component"] = _str(agent_name, MAX_CHARS["component"])
     agent_version = _first(attrs, ("gen_ai.agent.version",), used)
     if agent_version:
-        hints["agent_version"] = _str(agent_version, 100)
+        hints["agent_version"] = _str(agent_version, MAX_CHARS["agent_version"])
     end_user = _first(attrs, END_USER_ATTRS, used)
     if end_user:
-        hints["end_user"] = _str(end_user, 256)
+        hints["end_user"] = _str(end_user, MAX_CHARS["end_user"])
     session = _first(attrs, SESSION_ATTRS, used)
     if session:
-        hints["session_id"] = _str(session, 256)
+        hints["session_id"] = _str(session, MAX_CHARS["session_id"])
     metadata: dict[str, Any] = {}
     if attrs.get("metadata") is not None:
         used.add("metadata")
@@ -457,7 +457,7 @@ def normalise_span(view: dict) -> tuple[dict, dict]:
         value = attrs.get(key)
         if isinstance(value, str) and value:
             used.add(key)
-            span[field_name] = value[:64]
+            span[field_name] = value[:MAX_CHARS["span_id"]]
 
     rest = {k: v for k, v in attrs.items() if k not in used}
     if rest:
@@ -527,7 +527,7 @@ def trace_records(views: list[dict], *, resource_metadata: bool = True) -> list[
         if resource_metadata and resource:
             fill.setdefault("metadata", {})["resource"] = resource
         if not fill.get("agent_name") and resource.get("service.name") and root is None:
-            fill["agent_name"] = _str(resource["service.name"], 200)
+            fill["agent_name"] = _str(resource["service.name"], MAX_CHARS["agent_name"])
         if fill:
             records.append({"op": "run.start", "run_id": trace_id, "trace_id": trace_id, "fill": True,
                             **{k: v for k, v in fill.items()}})
@@ -535,7 +535,7 @@ def trace_records(views: list[dict], *, resource_metadata: bool = True) -> list[
             view, span, hints = root
             start = {"op": "run.start", "run_id": trace_id, "trace_id": trace_id,
                      "agent_name": hints.get("agent_name") or fill.get("agent_name")
-                     or _str(resource.get("service.name"), 200),
+                     or _str(resource.get("service.name"), MAX_CHARS["agent_name"]),
                      "agent_version": hints.get("agent_version", ""),
                      "end_user": hints.get("end_user", ""), "session_id": hints.get("session_id", ""),
                      "metadata": hints.get("metadata") or {}, "status": "running",

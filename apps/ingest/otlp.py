@@ -24,6 +24,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from apps.traces.records import MAX_CHARS
+
 from .normalise import iso, json_or_text
 
 PROTOBUF = "application/x-protobuf"
@@ -236,7 +238,7 @@ def span_views(request: ExportTraceServiceRequest) -> list[dict]:
     (attributes, events, status message, links, its resource or scope) is kept with U+FFFD in its
     place and carries ``controlplane.nul_replaced``: the count, so the change is visible on the span.
     (Saying so in ``partial_success`` would mean reading every string of every span while the client
-    waits: measured, that took the accept's p99 at 5,000 spans/s past its 100 ms target.)"""
+    waits, which took the accept's p99 past its target: see bench/RESULTS.md.)"""
     views = []
     for rs in request.resource_spans:
         replacements()
@@ -296,7 +298,7 @@ def log_records(request: ExportLogsServiceRequest) -> list[dict]:
                 elif record.severity_number:
                     event_attrs["severity_number"] = record.severity_number
                 when = record.time_unix_nano or record.observed_time_unix_nano
-                event = {"name": str(name)[:500], **({"time": iso(when)} if when else {}),
+                event = {"name": str(name)[:MAX_CHARS["event.name"]], **({"time": iso(when)} if when else {}),
                          "attributes": event_attrs}
                 fields: dict[str, Any] = {"events": [event]}
                 if name == GENAI_DETAILS_EVENT:

@@ -58,7 +58,7 @@ def admit(raw_key: str | None) -> ApiKey:
 
 
 def max_body_bytes() -> int:
-    return getattr(settings, "OTLP_MAX_BODY_BYTES", 20 * 1024 * 1024)
+    return settings.OTLP_MAX_BODY_BYTES
 
 
 def decompress(body: bytes, encoding: str) -> bytes:

@@ -14,7 +14,7 @@ from django.db import InterfaceError, OperationalError
 from django.http import HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from apps.common.errors import ErrorCode
+from apps.common.errors import RETRY_AFTER_SECONDS, ErrorCode
 from apps.projects.authentication import presented_key
 
 from . import otlp, services
@@ -22,7 +22,12 @@ from .services import Refusal
 
 logger = logging.getLogger(__name__)
 
-DB_RETRY_AFTER = 5
+
+def store_unavailable() -> Refusal:
+    """The database cannot be reached: both OTLP doors answer 503 / UNAVAILABLE with a retry delay,
+    which exporters retry (on a 500 they would drop the data)."""
+    return Refusal(503, ErrorCode.SERVICE_UNAVAILABLE, "The store is unavailable; retry later.",
+                   retry_after=RETRY_AFTER_SECONDS)
 
 
 def _content_type(request) -> str | None:
@@ -70,8 +75,7 @@ def _receive(request, accept, respond):
         return _status(refusal, content_type)
     except (OperationalError, InterfaceError) as exc:
         logger.warning("OTLP receiver: database unavailable: %s", exc)
-        return _status(Refusal(503, ErrorCode.SERVICE_UNAVAILABLE, "The store is unavailable; retry later.",
-                               retry_after=DB_RETRY_AFTER), content_type)
+        return _status(store_unavailable(), content_type)
     return HttpResponse(otlp.encode(respond(rejected, message), content_type), content_type=content_type)
 
 

@@ -1,21 +1,67 @@
+"""The admin of projects and keys, the admin mixin every project-owned admin uses, and the
+audit console (registered here: the audit app sits below projects and cannot scope by itself)."""
+from __future__ import annotations
+
 from django.contrib import admin, messages
-from django.core.exceptions import ValidationError
+from django.contrib.auth.admin import GroupAdmin
+from django.contrib.auth.models import Group
+from django.core.exceptions import PermissionDenied, ValidationError
+
+from apps.audit.admin import AuditEventAdmin
+from apps.audit.models import AuditEvent
 
 from . import services
+from .access import ProjectAccess, request_access
 from .models import ApiKey, Project, ProjectRole
 
 
 class ScopedAdminMixin:
-    """Staff who are not superusers see only rows of the projects they hold a role in."""
+    """The one authorization path in the admin: staff who are not superusers see only rows of the
+    projects they hold a role in (``access.project_access``, once per request).
+
+    ``project_field`` names a row's project: a foreign key to Project (the default), an integer
+    column holding a project's id, or ``pk`` on Project itself. ``view_by_role``: holding any role
+    lets staff view (and find in the index) this admin's rows without model permissions, as the run
+    log's auditors do; otherwise Django's model permissions decide, as usual.
+    ``tests/system/test_endpoint_matrix.py`` requires an entry for every registered admin."""
 
     project_field = "project"
+    view_by_role = False
+
+    def access(self, request) -> ProjectAccess:
+        return request_access(request)
 
     def get_queryset(self, request):
-        qs = super().get_queryset(request)
-        if request.user.is_superuser:
-            return qs
-        visible = Project.objects.visible_to(request.user).values("pk")
-        return qs.filter(**{f"{self.project_field}__in": visible})
+        return self.access(request).apply(super().get_queryset(request), self.project_field)
+
+    def holds_a_role(self, request) -> bool:
+        """Whether the viewer sees any project (a person with a role, a superuser)."""
+        return self.access(request).sees_any()
+
+    def holds_perm(self, request, perm: str, project_id: int | None = None) -> bool:
+        """Whether the viewer holds ``projects.<perm>`` (guardian, through a role) on a visible project:
+        ``project_id``'s, or any. Superusers everywhere."""
+        user = request.user
+        if user.is_superuser:
+            return True
+        projects = Project.objects.visible_to(self.access(request))
+        if project_id is not None:
+            projects = projects.filter(pk=project_id)
+        return any(user.has_perm(f"projects.{perm}", p) for p in projects)
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        """A form's project choices are the viewer's projects only (the stock field lists every project)."""
+        if db_field.related_model is Project:
+            kwargs["queryset"] = Project.objects.visible_to(self.access(request))
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    def has_view_permission(self, request, obj=None):
+        return super().has_view_permission(request, obj) or (
+            self.view_by_role and request.user.is_staff and self.holds_a_role(request))
+
+    def has_module_permission(self, request):
+        return super().has_module_permission(request) or (
+            self.view_by_role and request.user.is_staff and self.holds_a_role(request))
 
 
 class VisibleProjectFilter(admin.SimpleListFilter):
@@ -30,13 +76,14 @@ class VisibleProjectFilter(admin.SimpleListFilter):
         super().__init__(request, params, model, model_admin)
 
     def lookups(self, request, model_admin):
-        return [(str(p.pk), p.slug) for p in Project.objects.visible_to(request.user).order_by("slug")]
+        return [(str(p.pk), p.slug)
+                for p in Project.objects.visible_to(request_access(request)).order_by("slug")]
 
     def queryset(self, request, queryset):
         if self.value():
             if not (self.value().isascii() and self.value().isdigit()):
                 return queryset.none()
-            return queryset.filter(**{f"{self.project_field}_id": int(self.value())})
+            return queryset.filter(**{self.project_field: int(self.value())})
         return queryset
 
 
@@ -107,9 +154,19 @@ class ApiKeyAdmin(ScopedAdminMixin, admin.ModelAdmin):
             return self.fields
         return self.get_readonly_fields(request, obj)
 
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        """Keys are minted only in projects whose keys the viewer manages."""
+        field = super().formfield_for_foreignkey(db_field, request, **kwargs)
+        if db_field.related_model is Project and not request.user.is_superuser:
+            field.queryset = field.queryset.filter(
+                pk__in=[p.pk for p in field.queryset if self.holds_perm(request, "manage_project", p.pk)])
+        return field
+
     def save_model(self, request, obj, form, change):
         if change:
             return  # keys are immutable; revoke and create a new one instead
+        if not self.holds_perm(request, "manage_project", obj.project_id):
+            raise PermissionDenied
         try:
             key, raw = services.api_key_create(project=obj.project, name=obj.name, scopes=obj.scopes or [],
                                                expires_at=obj.expires_at, actor=request.user)
@@ -128,6 +185,45 @@ class ApiKeyAdmin(ScopedAdminMixin, admin.ModelAdmin):
 
     @admin.action(description="Revoke selected keys")
     def revoke_keys(self, request, queryset):
+        done = skipped = 0
         for key in queryset.filter(revoked_at__isnull=True):
-            services.api_key_revoke(key=key, actor=request.user)
-        self.message_user(request, "Selected keys revoked.")
+            if self.holds_perm(request, "manage_project", key.project_id):
+                services.api_key_revoke(key=key, actor=request.user)
+                done += 1
+            else:
+                skipped += 1
+        self.message_user(request, f"{done} keys revoked; {skipped} skipped (not a project you manage).",
+                          messages.SUCCESS if not skipped else messages.WARNING)
+
+
+@admin.register(AuditEvent)
+class ScopedAuditEventAdmin(ScopedAdminMixin, AuditEventAdmin):
+    """The audit console (``apps.audit.admin``), scoped like every other admin: a row's project is
+    its plain ``project_id`` (audit rows keep ids, never foreign keys); rows of no project (system
+    events) are for superusers."""
+
+    project_field = "project_id"
+
+
+class RoleGroupAdmin(GroupAdmin):
+    """Groups carry projects' roles (``project:<slug>:<role>``): their names alone tell every project's
+    slug, so only superusers see them. People's roles are granted per project (API, project admin)."""
+
+    def has_module_permission(self, request):
+        return request.user.is_superuser
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+    def has_add_permission(self, request):
+        return request.user.is_superuser
+
+    def has_change_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+    def has_delete_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+
+admin.site.unregister(Group)
+admin.site.register(Group, RoleGroupAdmin)

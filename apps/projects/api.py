@@ -9,13 +9,12 @@ from rest_framework import status
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from apps.common.api import ERROR_RESPONSES
 
 from . import services
 from .models import ApiKey, Project
-from .permissions import HasScope, PersonOnly, access_project, check_project_perm, is_agent
+from .permissions import HasScope, PersonOnly, ProjectScopedAPIView, is_agent
 from .selectors import project_members, roles_by_project
 from .serializers import (
     ApiKeyCreatedSerializer,
@@ -30,7 +29,7 @@ from .serializers import (
 )
 
 
-class MeView(APIView):
+class MeView(ProjectScopedAPIView):
     @extend_schema(responses={200: MeSerializer, **ERROR_RESPONSES}, summary="Who am I")
     def get(self, request):
         if is_agent(request):
@@ -39,8 +38,8 @@ class MeView(APIView):
                     "key_prefix": key.display_prefix}
         else:
             user = request.user
-            roles = roles_by_project(user)
-            projects = Project.objects.visible_to(user)
+            roles = roles_by_project(self.access)
+            projects = self.visible(Project.objects.all())
             data = {
                 "type": "user",
                 "username": user.get_username(),
@@ -50,11 +49,11 @@ class MeView(APIView):
         return Response(MeSerializer(data).data)
 
 
-class ProjectListView(APIView):
+class ProjectListView(ProjectScopedAPIView):
     permission_classes = [IsAuthenticated, HasScope("read")]
     @extend_schema(responses={200: ProjectSerializer(many=True), **ERROR_RESPONSES})
     def get(self, request):
-        return Response(ProjectSerializer(Project.objects.visible_to(request.user), many=True).data)
+        return Response(ProjectSerializer(self.visible(Project.objects.all()), many=True).data)
 
     @extend_schema(request=ProjectCreateSerializer, responses={201: ProjectSerializer, **ERROR_RESPONSES})
     def post(self, request):
@@ -67,17 +66,17 @@ class ProjectListView(APIView):
         return Response(ProjectSerializer(project).data, status=status.HTTP_201_CREATED)
 
 
-class ProjectDetailView(APIView):
+class ProjectDetailView(ProjectScopedAPIView):
     permission_classes = [IsAuthenticated, HasScope("read")]
     @extend_schema(responses={200: ProjectSerializer, **ERROR_RESPONSES})
     def get(self, request, slug: str):
-        return Response(ProjectSerializer(access_project(request, slug)).data)
+        return Response(ProjectSerializer(self.get_project(slug)).data)
 
     @extend_schema(request=ProjectUpdateSerializer, responses={200: ProjectSerializer, **ERROR_RESPONSES},
                    summary="Change a project's settings (name, redaction, retention); project admins only")
     def patch(self, request, slug: str):
-        project = access_project(request, slug)
-        check_project_perm(request, project, "change_project")
+        project = self.get_project(slug)
+        self.require_perm(project, "change_project")
         ser = ProjectUpdateSerializer(data=request.data)
         ser.is_valid(raise_exception=True)
         data = dict(ser.validated_data)
@@ -87,19 +86,19 @@ class ProjectDetailView(APIView):
                                                                   **data)).data)
 
 
-class MemberListView(APIView):
+class MemberListView(ProjectScopedAPIView):
     permission_classes = [PersonOnly]
 
     @extend_schema(responses={200: MemberSerializer(many=True), **ERROR_RESPONSES})
     def get(self, request, slug: str):
-        project = access_project(request, slug)
+        project = self.get_project(slug)
         return Response(MemberSerializer(project_members(project), many=True).data)
 
     @extend_schema(request=RoleGrantSerializer, responses={201: MemberSerializer, **ERROR_RESPONSES},
                    summary="Grant a role")
     def post(self, request, slug: str):
-        project = access_project(request, slug)
-        check_project_perm(request, project, "manage_project")
+        project = self.get_project(slug)
+        self.require_perm(project, "manage_project")
         ser = RoleGrantSerializer(data=request.data)
         ser.is_valid(raise_exception=True)
         user = get_object_or_404(get_user_model(), username=ser.validated_data["username"])
@@ -108,13 +107,13 @@ class MemberListView(APIView):
                         status=status.HTTP_201_CREATED)
 
 
-class MemberRoleView(APIView):
+class MemberRoleView(ProjectScopedAPIView):
     permission_classes = [PersonOnly]
 
     @extend_schema(responses={204: None, **ERROR_RESPONSES}, summary="Remove a role")
     def delete(self, request, slug: str, username: str, role: str):
-        project = access_project(request, slug)
-        check_project_perm(request, project, "manage_project")
+        project = self.get_project(slug)
+        self.require_perm(project, "manage_project")
         user = get_object_or_404(get_user_model(), username=username)
         ser = RoleGrantSerializer(data={"username": username, "role": role})
         ser.is_valid(raise_exception=True)
@@ -123,19 +122,19 @@ class MemberRoleView(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class ApiKeyListView(APIView):
+class ApiKeyListView(ProjectScopedAPIView):
     permission_classes = [PersonOnly]
 
     @extend_schema(responses={200: ApiKeySerializer(many=True), **ERROR_RESPONSES})
     def get(self, request, slug: str):
-        project = access_project(request, slug)
+        project = self.get_project(slug)
         return Response(ApiKeySerializer(project.api_keys.all(), many=True).data)
 
     @extend_schema(request=ApiKeyCreateSerializer, responses={201: ApiKeyCreatedSerializer, **ERROR_RESPONSES},
                    summary="Create an API key (the secret is returned once)")
     def post(self, request, slug: str):
-        project = access_project(request, slug)
-        check_project_perm(request, project, "manage_project")
+        project = self.get_project(slug)
+        self.require_perm(project, "manage_project")
         ser = ApiKeyCreateSerializer(data=request.data)
         ser.is_valid(raise_exception=True)
         key, raw = services.api_key_create(project=project, actor=request.user, **ser.validated_data)
@@ -143,12 +142,12 @@ class ApiKeyListView(APIView):
         return Response(data, status=status.HTTP_201_CREATED)
 
 
-class ApiKeyRevokeView(APIView):
+class ApiKeyRevokeView(ProjectScopedAPIView):
     permission_classes = [PersonOnly]
 
     @extend_schema(request=None, responses={200: ApiKeySerializer, **ERROR_RESPONSES}, summary="Revoke a key")
     def post(self, request, slug: str, key_id: int):
-        project = access_project(request, slug)
-        check_project_perm(request, project, "manage_project")
+        project = self.get_project(slug)
+        self.require_perm(project, "manage_project")
         key = get_object_or_404(ApiKey, pk=key_id, project=project)
         return Response(ApiKeySerializer(services.api_key_revoke(key=key, actor=request.user)).data)

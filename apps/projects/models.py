@@ -1,13 +1,15 @@
 """Projects, the roles people hold in them, and the API keys agents use.
 
 A role is a Django group per (project, role), holding django-guardian object permissions on that
-project; membership is group membership. ``Project.objects.visible_to(principal)`` is the one
-place that decides which projects a person or a key may see.
+project; membership is group membership. ``access.project_access(principal)`` is the one place
+that decides which projects a person or a key may see; every project-owned model's queryset
+(``ProjectOwnedQuerySet``) has ``visible_to(principal)`` built on it.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 
 from django.conf import settings
 from django.contrib.auth.models import Group
@@ -46,19 +48,33 @@ class Scope(models.TextChoices):
     QUEUE = "queue", "Submit GPU work (never steer the queue)"
 
 
-class ProjectQuerySet(models.QuerySet):
-    def visible_to(self, principal) -> ProjectQuerySet:
-        """Projects a person (any role) or an API key (its own project) may see; nothing otherwise."""
-        if isinstance(principal, ApiKey):
-            return self.filter(pk=principal.project_id)
-        if principal is None or not getattr(principal, "is_authenticated", False):
-            return self.none()
-        if getattr(principal, "is_superuser", False):
-            return self
-        return self.filter(roles__group__user=principal).distinct()
+class ProjectOwnedQuerySet(models.QuerySet):
+    """The queryset of every model whose rows belong to a project (here and in the apps above):
+    ``visible_to(principal)`` keeps the rows of the projects ``principal`` may see, as decided by
+    ``access.project_access``. ``project_field`` names the row's project (a foreign key, or ``pk``
+    on Project itself); use ``ProjectOwnedQuerySet.as_manager()``, or subclass it."""
+
+    project_field = "project"
+
+    def visible_to(self, principal, *, project_slug: str | None = None):
+        """Rows of the projects a person (any role), an API key (its own project) or an already
+        computed ``ProjectAccess`` may see; nothing otherwise. ``project_slug`` narrows to one project."""
+        from .access import project_access  # access is built on these models: imported when first used
+
+        access = project_access(principal)
+        if project_slug is not None:
+            access = access.in_project(project_slug)
+        return access.apply(self, self.project_field)
 
 
-slug_validator = RegexValidator(r"^[a-z0-9][a-z0-9-]{0,62}$", "Lower-case letters, digits and dashes.")
+class ProjectQuerySet(ProjectOwnedQuerySet):
+    project_field = "pk"
+
+
+# A project's slug, the one definition: the model, the projects API and the run log's ?project= use it.
+SLUG_PATTERN = r"[a-z0-9][a-z0-9-]{0,62}"
+SLUG_RE = re.compile(SLUG_PATTERN)  # used with fullmatch
+slug_validator = RegexValidator(rf"^{SLUG_PATTERN}$", "Lower-case letters, digits and dashes.")
 
 
 class Project(models.Model):
@@ -117,6 +133,8 @@ class ProjectRole(models.Model):
     role = models.CharField(max_length=16, choices=Role.choices)
     group = models.OneToOneField(Group, on_delete=models.CASCADE, related_name="project_role")
 
+    objects = ProjectOwnedQuerySet.as_manager()
+
     class Meta:
         constraints = [models.UniqueConstraint(fields=["project", "role"], name="project_role_unique")]
 
@@ -129,7 +147,7 @@ def hash_api_key(raw: str) -> str:
     return hmac.new(settings.API_KEY_PEPPER.encode(), raw.encode(), hashlib.sha256).hexdigest()
 
 
-class ApiKeyQuerySet(models.QuerySet):
+class ApiKeyQuerySet(ProjectOwnedQuerySet):
     def active(self):
         now = timezone.now()
         return self.filter(revoked_at__isnull=True).filter(models.Q(expires_at__isnull=True) |

@@ -2,15 +2,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from .access import project_access
 from .models import Project, ProjectRole
 
 
-def roles_by_project(user) -> dict[int, list[str]]:
-    """{project_id: [roles]} for a person, in one query."""
-    result: dict[int, list[str]] = defaultdict(list)
-    for project_id, role in ProjectRole.objects.filter(group__user=user).values_list("project_id", "role"):
-        result[project_id].append(role)
-    return {k: sorted(v) for k, v in result.items()}
+def roles_by_project(principal) -> dict[int, list[str]]:
+    """{project_id: [roles]} for a person (or a ``ProjectAccess``), in one query; a key holds none."""
+    return {pid: sorted(roles) for pid, roles in project_access(principal).roles.items() if roles}
 
 
 def project_members(project: Project) -> list[dict]:

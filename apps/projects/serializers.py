@@ -1,11 +1,13 @@
 from rest_framework import serializers
 
-from .models import ApiKey, Project, Role, Scope
+from apps.common import redaction
+
+from .models import SLUG_PATTERN, ApiKey, Project, Role, Scope
 
 
 class RedactionPatternSerializer(serializers.Serializer):
-    name = serializers.RegexField(r"^[A-Z][A-Z0-9_]{0,39}$", help_text="The placeholder's name: [NAME].")
-    pattern = serializers.CharField(max_length=500, help_text="A Python regular expression.")
+    name = serializers.RegexField(rf"^{redaction.NAME_RE.pattern}$", help_text="The placeholder's name: [NAME].")
+    pattern = serializers.CharField(max_length=redaction.MAX_PATTERN_LEN, help_text="A Python regular expression.")
 
 
 class ProjectSerializer(serializers.ModelSerializer):
@@ -19,19 +21,21 @@ class ProjectSerializer(serializers.ModelSerializer):
 
 
 class ProjectUpdateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=200, required=False)
+    name = serializers.CharField(max_length=Project._meta.get_field("name").max_length, required=False)
     redaction_enabled = serializers.BooleanField(required=False)
     redaction_patterns = RedactionPatternSerializer(many=True, required=False)
-    redaction_exempt_attributes = serializers.ListField(child=serializers.CharField(max_length=200),
-                                                        required=False, max_length=200)
+    redaction_exempt_attributes = serializers.ListField(
+        child=serializers.CharField(max_length=redaction.MAX_EXEMPT_ATTRIBUTE_LEN), required=False,
+        max_length=redaction.MAX_EXEMPT_ATTRIBUTES)
     retention_days = serializers.IntegerField(
         min_value=1, max_value=36500, allow_null=True, required=False,
         help_text="Days to keep runs after their last activity; null: the server's default.")
 
 
 class ProjectCreateSerializer(serializers.Serializer):
-    slug = serializers.RegexField(r"^[a-z0-9][a-z0-9-]{0,62}$")
-    name = serializers.CharField(max_length=200, required=False, allow_blank=True)
+    slug = serializers.RegexField(rf"^{SLUG_PATTERN}$")
+    name = serializers.CharField(max_length=Project._meta.get_field("name").max_length, required=False,
+                                 allow_blank=True)
 
 
 class ApiKeySerializer(serializers.ModelSerializer):
@@ -45,7 +49,7 @@ class ApiKeySerializer(serializers.ModelSerializer):
 
 
 class ApiKeyCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=100)
+    name = serializers.CharField(max_length=ApiKey._meta.get_field("name").max_length)
     scopes = serializers.ListField(child=serializers.ChoiceField(choices=Scope.choices), allow_empty=False)
     expires_at = serializers.DateTimeField(required=False, allow_null=True)
 

@@ -27,7 +27,6 @@ from django.utils.html import format_html
 
 from apps.audit.services import audit_record
 from apps.projects.admin import ScopedAdminMixin, VisibleProjectFilter
-from apps.projects.models import Project
 from apps.projects.services import actor_for
 
 from . import services
@@ -118,6 +117,8 @@ class RunLogAdmin(ScopedAdminMixin, admin.ModelAdmin):
         return _with_calendar(super().get_queryset(request))
 
     # Read-only for everyone (the log is append-only); visible to staff holding a role in a project.
+    view_by_role = True
+
     def has_add_permission(self, request, obj=None):
         return False
 
@@ -127,14 +128,9 @@ class RunLogAdmin(ScopedAdminMixin, admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return False
 
-    def _holds_a_role(self, request) -> bool:
-        return Project.objects.visible_to(request.user).exists()
-
-    def has_view_permission(self, request, obj=None):
-        return super().has_view_permission(request, obj) or (request.user.is_staff and self._holds_a_role(request))
-
-    def has_module_permission(self, request):
-        return super().has_module_permission(request) or (request.user.is_staff and self._holds_a_role(request))
+    def may_reproject(self, request, project_id: int | None = None) -> bool:
+        """Re-projection is for operators and admins of the record's project (superusers everywhere)."""
+        return self.holds_perm(request, "operate_project", project_id)
 
     def get_readonly_fields(self, request, obj=None):
         return [f.name for f in self.model._meta.fields]
@@ -300,30 +296,19 @@ class IngestBatchAdmin(RunLogAdmin):
     actions = ["reproject"]
 
     def has_reproject_permission(self, request) -> bool:
-        return _may_reproject(request)
+        return self.may_reproject(request)
 
     @admin.action(description="Re-project the selected dead batches", permissions=["reproject"])
     def reproject(self, request, queryset):
         done = skipped = 0
         for batch in queryset.filter(status=IngestBatch.Status.DEAD):
-            if _may_reproject(request, batch.project_id) and services.batch_reproject(
+            if self.may_reproject(request, batch.project_id) and services.batch_reproject(
                     batch, actor=actor_for(request.user, batch.project)):
                 done += 1
             else:
                 skipped += 1
         self.message_user(request, f"{done} batches back in the inbox; {skipped} skipped.",
                           messages.SUCCESS if done else messages.WARNING)
-
-
-def _may_reproject(request, project_id: int | None = None) -> bool:
-    """Re-projection is for operators and admins of the record's project (superusers everywhere)."""
-    user = request.user
-    if user.is_superuser:
-        return True
-    projects = Project.objects.visible_to(user)
-    if project_id is not None:
-        projects = projects.filter(pk=project_id)
-    return any(user.has_perm("projects.operate_project", p) for p in projects)
 
 
 @admin.register(DeadRecord)
@@ -353,13 +338,13 @@ class DeadRecordAdmin(RunLogAdmin):
         return super().get_queryset(request).defer("raw")
 
     def has_reproject_permission(self, request) -> bool:
-        return _may_reproject(request)
+        return self.may_reproject(request)
 
     @admin.action(description="Re-project the selected dead records", permissions=["reproject"])
     def reproject(self, request, queryset):
         stored = failed = 0
         for record in queryset.filter(status=DeadRecord.Status.DEAD).select_related("project"):
-            if not _may_reproject(request, record.project_id):
+            if not self.may_reproject(request, record.project_id):
                 failed += 1
                 continue
             if services.dead_record_reproject(record, actor=actor_for(request.user, record.project)):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
@@ -18,15 +17,14 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.pagination import CursorPagination
-from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from apps.common.api import ERROR_RESPONSES
 from apps.common.errors import ApiError, ErrorCode, ErrorSerializer
-from apps.projects.permissions import is_agent, require_scope
+from apps.projects.models import SLUG_RE
+from apps.projects.permissions import ProjectScopedAPIView, is_agent, require_scope
 
-from . import admission, records, selectors, services, topology
+from . import admission, records, selectors, services
 from .records import RecordError
 from .serializers import (
     RunAcceptedOut,
@@ -147,9 +145,6 @@ def _project_param(request) -> str | None:
     return slug
 
 
-SLUG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-
-
 def _path_id(value: str, *, max_len: int = 128) -> str:
     """A run id from the path: one that could never have been stored is simply not found."""
     if len(value) > max_len or not records.ID_RE.fullmatch(value):
@@ -157,10 +152,8 @@ def _path_id(value: str, *, max_len: int = 128) -> str:
     return value
 
 
-class RunListView(APIView):
+class RunListView(ProjectScopedAPIView):
     """``GET`` lists runs; ``POST`` starts one."""
-
-    permission_classes = [IsAuthenticated]
 
     @extend_schema(summary="List runs (newest first, cursor-paginated)", parameters=[RunFilterSerializer],
                    responses={200: RunOut(many=True), **ERROR_RESPONSES})
@@ -186,26 +179,17 @@ class RunListView(APIView):
         return _accept(request, raw, [rec], {"run_id": run_id, "trace_id": records.trace_id_for_run(run_id)})
 
 
-class RunDetailView(APIView):
-    permission_classes = [IsAuthenticated]
-
+class RunDetailView(ProjectScopedAPIView):
     @extend_schema(summary="A run with its span tree, tool calls and totals", parameters=[PROJECT_PARAM],
                    responses={200: RunDetailOut, **ERROR_RESPONSES})
     def get(self, request, run_id: str):
         require_scope(request, "read")
-        run = selectors.run_get(principal=request.user, run_id=_path_id(run_id), project_slug=_project_param(request))
-        data = RunOut(run).data
-        spans = selectors.run_spans(run)
-        data.update(input=run.input, output=run.output, metadata=run.metadata, error_details=run.error_details,
-                    child_run_ids=selectors.run_children(run), spans=spans, topology=topology.build(spans),
-                    tool_calls=[{**t, "started_at": selectors.iso(t["started_at"])}
-                                for t in selectors.run_tool_calls(run)])
-        return Response(data)
+        run, detail = selectors.run_detail(principal=request.user, run_id=_path_id(run_id),
+                                           project_slug=_project_param(request))
+        return Response({**RunOut(run).data, **detail})
 
 
-class RunSpansView(APIView):
-    permission_classes = [IsAuthenticated]
-
+class RunSpansView(ProjectScopedAPIView):
     @extend_schema(summary="Append one span or many", request=SpanIn, parameters=[IDEMPOTENCY_PARAM],
                    description="The body is one span object, a list of span objects, or {\"spans\": [...]}.",
                    responses={202: SpansAcceptedOut, **WRITE_RESPONSES})
@@ -219,9 +203,7 @@ class RunSpansView(APIView):
         return _accept(request, raw, recs, {"run_id": run_id, "span_ids": [r["span"]["span_id"] for r in recs]})
 
 
-class SpanUpdateView(APIView):
-    permission_classes = [IsAuthenticated]
-
+class SpanUpdateView(ProjectScopedAPIView):
     @extend_schema(summary="Close a span or add late fields", request=SpanIn, parameters=[IDEMPOTENCY_PARAM],
                    description="Any span field but its ids; maps (attributes, usage, tool, stream) merge, events "
                                "append. The stored span is not rewritten: the change is appended and merged on read.",
@@ -236,9 +218,7 @@ class SpanUpdateView(APIView):
         return _accept(request, raw, [rec], {"run_id": run_id, "span_id": span_id})
 
 
-class RunFinishView(APIView):
-    permission_classes = [IsAuthenticated]
-
+class RunFinishView(ProjectScopedAPIView):
     @extend_schema(summary="Finish a run", request=RunFinishIn, parameters=[IDEMPOTENCY_PARAM],
                    responses={202: RunFinishAcceptedOut, **WRITE_RESPONSES})
     def post(self, request, run_id: str):
@@ -257,9 +237,7 @@ def _session_id(value: str) -> str:
     return value
 
 
-class SessionRunsView(APIView):
-    permission_classes = [IsAuthenticated]
-
+class SessionRunsView(ProjectScopedAPIView):
     @extend_schema(summary="A session's runs, oldest first", parameters=[PROJECT_PARAM],
                    responses={200: RunOut(many=True), **ERROR_RESPONSES})
     def get(self, request, session_id: str):

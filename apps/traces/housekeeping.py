@@ -7,7 +7,8 @@
 * ``runs_purge_expired``: runs older than their project's retention (``Project.retention_days``, else
   TRACES_RETENTION_DAYS; none: kept forever) are deleted with their spans, span updates and tool
   calls, in transactions of at most TRACES_RETENTION_CHUNK_ROWS rows, so neither the tables nor the
-  projection are locked for long. Each pass writes one audit event per project it purged.
+  projection are locked for long. Each chunk is audited in its own transaction (one audit event per
+  chunk that deleted something).
 
 * ``stats_refresh``: where PostgreSQL runs with autovacuum off, ANALYZE the run log's tables whose
   statistics went stale (autovacuum's own rule), so the projection's plans stay index probes.
@@ -30,8 +31,8 @@ from django.utils import timezone
 from apps.audit.services import Actor, audit_record
 from apps.projects.models import Project
 
+from .live import RunChanges, publish_changes
 from .models import LOST_ERROR_CODE, IngestBatch, Run, Span, SpanUpdate, ToolCall
-from .services import RunChanges, publish_changes
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +104,12 @@ def retention_days(project: Project) -> int | None:
     return settings.TRACES_RETENTION_DAYS or None
 
 
-def _purge_chunk(project: Project, cutoff, limit: int, counts: dict[str, int]) -> bool:
+def _purge_chunk(project: Project, cutoff, limit: int, days: int, counts: dict[str, int]) -> bool:
     """One transaction: delete up to ``limit`` rows that belong to expired runs (tool calls, span
-    updates, spans), and the runs themselves once nothing of theirs is left. False when done."""
+    updates, spans), and the runs themselves once nothing of theirs is left, and audit what it deleted
+    as the transaction's last write (so a deletion is never committed without its audit row, and the
+    audit chain's lock is held only until this commit). False when nothing was left to delete."""
+    chunk = dict.fromkeys(counts, 0)
     with transaction.atomic():
         run_ids = list(Run.objects.filter(project=project, started_at__lt=cutoff, updated_at__lt=cutoff)
                        .order_by("pk").select_for_update(skip_locked=True)
@@ -118,13 +122,21 @@ def _purge_chunk(project: Project, cutoff, limit: int, counts: dict[str, int]) -
             if pks:
                 # A plain DELETE ... WHERE id IN (...): these rows have no dependants left (tool calls
                 # go first), so Django's collector would only load them to find none.
-                counts[name] += model.objects.filter(pk__in=pks)._raw_delete(model.objects.db)
+                chunk[name] += model.objects.filter(pk__in=pks)._raw_delete(model.objects.db)
                 budget -= len(pks)
             if budget <= 0:
-                return True
-        # Everything of these runs is gone: delete the runs (through the ORM, so that child runs
-        # are unlinked and models of other apps that point at a run follow their on_delete).
-        counts["runs"] += Run.objects.filter(pk__in=run_ids).delete()[1].get(Run._meta.label, 0)
+                break
+        else:
+            # Everything of these runs is gone: delete the runs (through the ORM, so that child runs
+            # are unlinked and models of other apps that point at a run follow their on_delete).
+            chunk["runs"] += Run.objects.filter(pk__in=run_ids).delete()[1].get(Run._meta.label, 0)
+        if any(chunk.values()):
+            audit_record(actor=Actor.system("retention"), action="traces.retention_purged",
+                         object_type="projects.project", object_id=project.pk, object_repr=str(project),
+                         project_id=project.pk, project_slug=project.slug,
+                         after={"retention_days": days, "cutoff": cutoff.isoformat(), **chunk})
+    for key, value in chunk.items():
+        counts[key] += value
     return True
 
 
@@ -145,14 +157,10 @@ def runs_purge_expired(*, now=None, budget_seconds: float | None = None, chunk_r
         cutoff = now - timedelta(days=days)
         counts = dict.fromkeys(totals, 0)
         try:
-            while time.monotonic() < deadline and _purge_chunk(project, cutoff, limit, counts):
+            while time.monotonic() < deadline and _purge_chunk(project, cutoff, limit, days, counts):
                 pass
         finally:
             if any(counts.values()):
-                audit_record(actor=Actor.system("retention"), action="traces.retention_purged",
-                             object_type="projects.project", object_id=project.pk, object_repr=str(project),
-                             project_id=project.pk, project_slug=project.slug,
-                             after={"retention_days": days, "cutoff": cutoff.isoformat(), **counts})
                 logger.info("retention: project %s, deleted %s", project.slug, counts)
             for key, value in counts.items():
                 totals[key] += value
@@ -177,7 +185,7 @@ def stats_refresh(*, force: bool = False) -> list[str]:
     Autovacuum (on by default) keeps planner statistics current. A server running with it off leaves
     a table that grew from empty without any: the planner then takes a million-row span table for a
     few pages, joins whole tables instead of probing indexes, and the projection slows down as the
-    table grows (measured: half speed after 5 minutes at 5,000 spans/s). With autovacuum off, this
+    table grows (measured in bench/RESULTS.md). With autovacuum off, this
     does what autoanalyze would: a table whose rows changed since its last ANALYZE by more than
     autovacuum_analyze_threshold + autovacuum_analyze_scale_factor x its rows is analyzed. Returns the
     tables analyzed. Nothing elsewhere (SQLite) or with autovacuum on, unless ``force``.

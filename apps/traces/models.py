@@ -3,7 +3,7 @@
 The log proper is append-only: a :class:`Span` is never rewritten once stored, and a late change to
 it (closing an open span, a result that arrives later) is a :class:`SpanUpdate` row merged at read.
 :class:`Run` totals and :class:`ToolCall` rows are a read model derived from spans and updates by the
-projection (``services.inbox_project``); they can be rebuilt from the log (``run_totals_rebuild``).
+projection (``projection``); they can be recomputed from the log (``services.run_totals_compute``).
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import uuid
 
 from django.db import models
 from django.db.models import Q
+
+from apps.projects.models import ProjectOwnedQuerySet
 
 
 class SpanKind(models.TextChoices):
@@ -81,6 +83,8 @@ class IngestBatch(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     processed_at = models.DateTimeField(null=True, blank=True)
 
+    objects = ProjectOwnedQuerySet.as_manager()  # .visible_to(principal): the one authorization path
+
     class Meta:
         verbose_name = "ingest batch"
         verbose_name_plural = "ingest inbox"
@@ -131,6 +135,8 @@ class DeadRecord(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.DEAD)
     created_at = models.DateTimeField(auto_now_add=True)
     reprojected_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ProjectOwnedQuerySet.as_manager()  # .visible_to(principal): the one authorization path
 
     class Meta:
         ordering = ["-id"]
@@ -198,6 +204,8 @@ class Run(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    objects = ProjectOwnedQuerySet.as_manager()  # .visible_to(principal): the one authorization path
+
     class Meta:
         ordering = ["-started_at", "-id"]
         constraints = [
@@ -225,6 +233,101 @@ class Run(models.Model):
     @property
     def total_tokens(self) -> int:
         return sum(getattr(self, f) for f in TOKEN_FIELDS[:2])
+
+    # --- the row's invariants: what each record does to a run (the projection calls these, then saves) ---
+
+    def revive_if_lost(self) -> bool:
+        """Declared LOST by housekeeping, yet something new came: it is alive after all."""
+        if self.status == self.Status.LOST and self.error_code == LOST_ERROR_CODE:
+            self.status, self.error_code, self.error_details = self.Status.RUNNING, "", None
+            return True
+        return False
+
+    def fill_blanks(self, rec: dict) -> None:
+        """Run fields told by a span other than the root (an OTLP ``run.start`` with ``fill``): fill
+        blanks, change nothing already set."""
+        for key in ("agent_name", "agent_version", "end_user", "session_id"):
+            if rec.get(key) and not getattr(self, key):
+                setattr(self, key, rec[key])
+        if rec.get("metadata"):
+            self.metadata = {**rec["metadata"], **(self.metadata or {})}
+
+    def record_start(self, rec: dict, *, started_at, api_key_id: int | None) -> None:
+        """A ``run.start`` record: its fields win over what spans told before; a terminal status stays."""
+        self.start_received = True
+        for key in ("agent_name", "agent_version", "end_user", "session_id"):
+            setattr(self, key, rec.get(key, "") or getattr(self, key))
+        if rec.get("input") is not None:
+            self.input = rec["input"]
+        self.metadata = {**(self.metadata or {}), **(rec.get("metadata") or {})}
+        self.started_at = started_at
+        if self.api_key_id is None:
+            self.api_key_id = api_key_id
+        if not self.is_terminal:
+            self.status = rec.get("status", self.Status.RUNNING)
+        if rec.get("parent_run_id"):
+            self.parent_run_ref = rec["parent_run_id"]
+
+    def record_finish(self, rec: dict, *, ended_at) -> None:
+        """A ``run.finish`` record (``derive_status``: the outcome is decided from the spans, see ``settle``)."""
+        self.status = rec["status"]
+        self.ended_at = ended_at
+        if rec.get("output") is not None:
+            self.output = rec["output"]
+        self.error_code = rec.get("error_code", "") or self.error_code
+        if rec.get("error_details") is not None:
+            self.error_details = rec["error_details"]
+        if rec.get("failing_span_id"):
+            self.failing_span_id = rec["failing_span_id"]
+        self.derive_status = bool(rec.get("derive_status"))
+
+    def add_contribution(self, delta, *, cap: int) -> None:
+        """Move the totals by ``delta`` (token counts, spans, error spans: see ``spans.contribution``);
+        each token total saturates at ``cap`` rather than overflow its column."""
+        for name, d in zip(TOKEN_FIELDS, delta[:len(TOKEN_FIELDS)], strict=True):
+            setattr(self, name, min(getattr(self, name) + d, cap))
+        self.span_count += delta[len(TOKEN_FIELDS)]
+        self.error_span_count += delta[len(TOKEN_FIELDS) + 1]
+
+    def note_used(self, *, models_: tuple[str, ...] = (), providers: tuple[str, ...] = ()) -> bool:
+        """Add models and providers not yet listed. True when something was added."""
+        changed = False
+        for values, bucket in ((models_, "models_used"), (providers, "providers_used")):
+            for value in values:
+                if value and value not in getattr(self, bucket):
+                    setattr(self, bucket, [*getattr(self, bucket), value])
+                    changed = True
+        return changed
+
+    def note_span_start(self, start) -> bool:
+        """Until its ``run.start`` arrives, a run started when its earliest span did."""
+        if not self.start_received and start < self.started_at:
+            self.started_at = start
+            return True
+        return False
+
+    @property
+    def outcome_derived(self) -> bool:
+        """Ended, with its outcome to be decided from its spans (OTLP: the root ended OK)."""
+        return self.derive_status and self.status in (self.Status.COMPLETED, self.Status.FAILED)
+
+    @property
+    def needs_failing_span(self) -> bool:
+        """Whether ``settle`` needs the run's latest unrecovered error span."""
+        if self.outcome_derived:
+            return bool(self.error_span_count)
+        return self.status == self.Status.FAILED and not self.failing_span_id
+
+    def settle(self, failing_span_id: str | None) -> None:
+        """Derived fields: the duration, and the outcome of a run whose status is derived (failed if an
+        error inside it was never recovered, naming that span); a failed run names its failing span."""
+        if self.ended_at is not None and self.started_at is not None:
+            self.duration_ms = max((self.ended_at - self.started_at).total_seconds() * 1000, 0.0)
+        if self.outcome_derived:
+            self.failing_span_id = failing_span_id or ""
+            self.status = self.Status.FAILED if self.failing_span_id else self.Status.COMPLETED
+        elif self.status == self.Status.FAILED and not self.failing_span_id:
+            self.failing_span_id = failing_span_id or ""
 
 
 class Span(models.Model):
@@ -270,6 +373,8 @@ class Span(models.Model):
     batch_id = models.BigIntegerField(null=True, blank=True, help_text="The inbox batch it came in.")
     received_at = models.DateTimeField(auto_now_add=True)
 
+    objects = ProjectOwnedQuerySet.as_manager()  # .visible_to(principal): the one authorization path
+
     class Meta:
         ordering = ["start_time", "id"]
         constraints = [
@@ -298,6 +403,8 @@ class SpanUpdate(models.Model):
     fields = models.JSONField()
     batch_id = models.BigIntegerField(null=True, blank=True)
     received_at = models.DateTimeField(auto_now_add=True)
+
+    objects = ProjectOwnedQuerySet.as_manager()  # .visible_to(principal): the one authorization path
 
     class Meta:
         ordering = ["id"]
@@ -329,6 +436,8 @@ class ToolCall(models.Model):
     latency_ms = models.FloatField(null=True, blank=True)
     error = models.TextField(blank=True)
     started_at = models.DateTimeField()
+
+    objects = ProjectOwnedQuerySet.as_manager()  # .visible_to(principal): the one authorization path
 
     class Meta:
         ordering = ["started_at", "id"]

@@ -1,37 +1,74 @@
-"""The canonical write records stored in the inbox, and their validation.
+"""The canonical records: the one format every producer writes into the inbox, and its validation.
 
-Every write path (the REST API here; OTLP in apps.ingest, whose normaliser emits the same records)
-turns its input into a list of records, so the projection only ever reads one format:
-
-* ``{"op": "run.start", "run_id", "agent_name", "agent_version", "input", "end_user", "session_id",
-  "parent_run_id", "metadata", "status", "started_at"}``
-* ``{"op": "span", "run_id", "span": {...}}`` (the span object of the REST API, normalised)
-* ``{"op": "span.update", "run_id", "span_id", "fields": {...}, "at"}``
-* ``{"op": "run.finish", "run_id", "status", "output", "error_code", "error_details",
-  "failing_span_id", "ended_at"}``
+Every write path turns its input into a list of records, so the projection only ever reads one
+format: the REST API through the builders below (``run_start_record``, ``spans_records``,
+``span_update_record``, ``run_finish_record``), OTLP through ``apps.ingest.normalise.trace_records``
+and ``apps.ingest.otlp.log_records``, and any later producer (a model gateway, a GPU queue) the same
+way. The format is the TypedDicts below (``Record`` is their union); each field's meaning, type and
+limit is written there once, and the limits are the constants of the next section, read by the
+builders, the normaliser and the API schema alike.
 
 Validation is hand-written rather than DRF serializers: it runs for every span of every batch, and
 it must name the exact field at fault (``spans[3].usage.input_tokens``). It refuses whatever the
-database could not store (see the limits below), so that nothing accepted fails to store;
-``validate_record`` checks a canonical record from any producer against the same rules. Times are
-stored as RFC 3339 strings in UTC. Pure Python: no database access.
+database could not store, so that nothing accepted fails to store; ``validate_record`` checks a
+canonical record from any producer against the same rules and against the TypedDicts' keys (tests
+feed it every producer's output). ``redact`` applies a project's redaction to the free text of a
+record. Times are RFC 3339 strings in UTC. Pure Python: no database access.
 """
-from __future__ import annotations
-
 import json
 import math
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, Required, TypedDict
 
 from django.conf import settings
 
-from .models import SpanKind, SpanStatus
+from apps.common.redaction import Redactor
 
-ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")  # used with fullmatch
+from . import models
+from .models import TOKEN_FIELDS, SpanKind, SpanStatus
+
+# (No ``from __future__ import annotations`` here: Python 3.11 reads ``Required[...]`` in a TypedDict
+# only from real annotations, and the contract test reads ``__required_keys__``.)
+
+# --- limits: the one definition of each ------------------------------------------------------------
+
+
+def _column(model, name: str) -> int:
+    return model._meta.get_field(name).max_length
+
+
+# The longest text of each record field, in characters. A field stored in a column takes the
+# column's length, so a migration that changes one changes what the door accepts; the others bound
+# what a free-text field may cost. ``span_id``'s limit holds for every span id (parent_span_id,
+# retry_of, fallback_of, failing_span_id: columns of the same length).
+MAX_CHARS: dict[str, int] = {
+    "run_id": _column(models.Run, "run_id"),
+    "parent_run_id": _column(models.Run, "parent_run_ref"),
+    "trace_id": _column(models.Run, "trace_id"),
+    "span_id": _column(models.Span, "span_id"),
+    "agent_name": _column(models.Run, "agent_name"),
+    "agent_version": _column(models.Run, "agent_version"),
+    "end_user": _column(models.Run, "end_user"),
+    "session_id": _column(models.Run, "session_id"),
+    "error_code": _column(models.Span, "error_code"),  # a span's and a run's (same length)
+    "name": _column(models.Span, "name"),
+    "status_message": 10_000,
+    "component": _column(models.Span, "component"),
+    "action": _column(models.Span, "action"),
+    "provider": _column(models.Span, "provider"),
+    "model": _column(models.Span, "request_model"),
+    "response_model": _column(models.Span, "response_model"),
+    "endpoint": _column(models.Span, "endpoint"),
+    "tool.name": _column(models.ToolCall, "name"),
+    "tool.call_id": _column(models.ToolCall, "call_id"),
+    "tool.error": 10_000,
+    "event.name": 500,
+}
+# Ids (run, span, trace) are 1..MAX_CHARS[...] of these characters; used with fullmatch.
+ID_RE = re.compile(rf"[A-Za-z0-9._:\-]{{1,{MAX_CHARS['run_id']}}}")
 TRACE_NAMESPACE = uuid.UUID("6f1c2b9e-2a57-4c55-9a43-3c3b0e7d1a10")
-USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 KINDS = frozenset(SpanKind.values)
 SPAN_STATUSES = frozenset(SpanStatus.values)
 RUN_START_STATUSES = ("pending", "running")
@@ -45,6 +82,179 @@ MAX_TOKENS = 10**12
 MAX_SMALL_COUNT = 2**31 - 1
 MAX_DEPTH = 64
 BIGINT_MAX = 2**63 - 1
+# One free-JSON field (an input, a message list, an attribute map), encoded. The setting
+# TRACES_MAX_FIELD_BYTES overrides it at the REST door; the OTLP normaliser cuts at this default.
+MAX_FIELD_BYTES = 1024 * 1024
+# Timestamps outside these years are refused: they are mistakes (a zero value, seconds taken for
+# milliseconds), and at the edges of the calendar they overflow date arithmetic.
+MIN_YEAR, MAX_YEAR = 1970, 2999
+
+
+# --- the record contract -----------------------------------------------------------------------------
+# Every record has ``op`` and ``run_id`` (an id: the agent's own over REST, the trace id over OTLP);
+# ``trace_id`` (32 hex) is set by producers that know it (OTLP), else derived (``trace_id_for_run``).
+# "JSON" below is free JSON: at most MAX_FIELD_BYTES encoded, MAX_DEPTH deep, with no NUL, lone
+# surrogate or non-finite number anywhere. Text is at most MAX_CHARS[field] characters, without NUL
+# or lone surrogates. Times are RFC 3339 with an offset, years MIN_YEAR..MAX_YEAR. Absent = not told.
+
+
+class Usage(TypedDict, total=False):
+    """Token counts of one model call, each an integer 0..MAX_TOKENS. Its keys are the run's total
+    columns, ``models.TOKEN_FIELDS`` (REST also accepts ``total_tokens`` and drops it)."""
+
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
+
+
+class Stream(TypedDict, total=False):
+    """How a streamed answer arrived."""
+
+    chunks: int  # 0..MAX_SMALL_COUNT
+    output_tokens_per_second: float  # finite, not negative
+
+
+class Tool(TypedDict, total=False):
+    """The tool a span called; with a name, it becomes a ToolCall row. An update may send only what
+    changed."""
+
+    name: str  # non-empty when sent (a span record's tool without one is stored as "")
+    call_id: str  # the model's id for the call
+    arguments: Any  # JSON
+    result: Any  # JSON
+    error: str  # why the call failed (text)
+
+
+class Event(TypedDict, total=False):
+    """Something that happened during a span (an OTLP span event or log record, a note)."""
+
+    name: Required[str]  # non-empty
+    time: str
+    attributes: dict[str, Any]  # JSON object, kept verbatim
+
+
+class _SpanBody(TypedDict, total=False):
+    """The span object's fields other than its identity, in a span record and in an update:
+
+    * ``name`` (non-empty text), ``kind`` (``models.SpanKind``), ``start_time``, ``end_time`` (not
+      before start; absent: the span is open), ``status`` (``models.SpanStatus``) and
+      ``status_message`` (text);
+    * ``error_code`` (text: the producer's error type); ``retry_of`` / ``fallback_of``: the span id
+      of the failed attempt this one retries or replaces;
+    * ``component`` / ``action`` (text: where in the agent, what it did); ``details`` (JSON: the loop
+      convention's values under ``loop``, ``graph_node``, ``evaluations``, ``links``);
+    * a model call: ``provider``, ``model`` (requested), ``response_model``, ``endpoint`` (text),
+      ``usage``, ``time_to_first_token_ms`` (finite, not negative), ``stream``,
+      ``input_messages`` / ``output_messages`` (JSON);
+    * ``tool``; ``attributes`` (JSON object: what no field above took, verbatim); ``events``.
+    """
+
+    end_time: str
+    status: Literal["ok", "error", "unset"]
+    status_message: str
+    error_code: str
+    retry_of: str
+    fallback_of: str
+    component: str
+    action: str
+    details: Any
+    provider: str
+    model: str
+    response_model: str
+    endpoint: str
+    usage: Usage
+    time_to_first_token_ms: float
+    stream: Stream
+    input_messages: Any
+    output_messages: Any
+    tool: Tool
+    attributes: dict[str, Any]
+    events: list[Event]
+
+
+class SpanFields(_SpanBody, total=False):
+    """What a ``span.update`` changes: any field of the span but its ids."""
+
+    name: str
+    kind: str
+    start_time: str
+
+
+class Span(_SpanBody, total=False):
+    """The span object of a ``span`` record (see ``_SpanBody`` for the fields)."""
+
+    span_id: Required[str]  # an id of at most MAX_CHARS["span_id"]
+    parent_span_id: str  # "" or absent: a root span
+    name: Required[str]
+    kind: Required[str]  # one of models.SpanKind; REST infers it when not sent
+    start_time: Required[str]  # REST: the time received when not sent
+
+
+class RunStart(TypedDict, total=False):
+    """A run starts (or, with ``fill``, is told about). A later ``run.start`` for the same run wins
+    over what its spans told, but never reopens a finished run."""
+
+    op: Required[Literal["run.start"]]
+    run_id: Required[str]
+    trace_id: str
+    # OTLP, from a span other than the root: the run fields it tells fill blanks only (a sub-agent
+    # never renames its run); such a record carries only the fields it tells, no status or time.
+    fill: bool
+    agent_name: str
+    agent_version: str
+    end_user: str  # who asked for the run: the attribution the sender chose (never redacted)
+    session_id: str  # never redacted either
+    parent_run_id: str  # "" or the id of the run that started this one (a sub-agent)
+    input: Any  # JSON
+    metadata: dict[str, Any]  # JSON object, merged into the run's
+    status: Literal["pending", "running"]
+    started_at: str
+
+
+class SpanRecord(TypedDict, total=False):
+    """A span, stored once: a later ``span`` with the same span id is a duplicate and ignored."""
+
+    op: Required[Literal["span"]]
+    run_id: Required[str]
+    trace_id: str
+    span: Required[Span]
+
+
+class SpanUpdate(TypedDict, total=False):
+    """A late change to a span (closing it, a result that came later): merged on read, in arrival
+    order; maps (attributes, usage, tool, stream) merge, events append, the rest replaces."""
+
+    op: Required[Literal["span.update"]]
+    run_id: Required[str]
+    trace_id: str
+    span_id: Required[str]
+    fields: Required[SpanFields]  # at least one field
+    at: str  # when it was received (REST): noted as an event on the span
+
+
+class RunFinish(TypedDict, total=False):
+    """A run ends."""
+
+    op: Required[Literal["run.finish"]]
+    run_id: Required[str]
+    trace_id: str
+    status: Required[Literal["completed", "failed", "cancelled"]]
+    ended_at: Required[str]
+    output: Any  # JSON
+    error_code: str
+    error_details: Any  # JSON (REST: an object)
+    failing_span_id: str  # "" or the span that made the run fail
+    # OTLP: the root span ended OK, but an error inside that nothing recovered fails the run: the
+    # projection decides the status from the spans.
+    derive_status: bool
+
+
+Record = RunStart | SpanRecord | SpanUpdate | RunFinish
+RECORD_TYPES: dict[str, type] = {"run.start": RunStart, "span": SpanRecord, "span.update": SpanUpdate,
+                                 "run.finish": RunFinish}
+OPS = tuple(RECORD_TYPES)
 
 
 class RecordError(ValueError):
@@ -90,7 +300,7 @@ STRICT_JSON = json.JSONDecoder(parse_constant=reject_constant, parse_float=finit
 
 
 def _max_field_bytes() -> int:
-    return getattr(settings, "TRACES_MAX_FIELD_BYTES", 1024 * 1024)
+    return settings.TRACES_MAX_FIELD_BYTES
 
 
 def _obj(value: Any, field: str) -> dict:
@@ -193,21 +403,16 @@ def _str(value: Any, field: str, *, max_len: int = 500, allow_empty: bool = True
     return value
 
 
-def _id(value: Any, field: str, *, max_len: int = 128) -> str:
+def _id(value: Any, field: str, *, max_len: int = MAX_CHARS["run_id"]) -> str:
     if not isinstance(value, str) or not ID_RE.fullmatch(value) or len(value) > max_len:
         raise RecordError(field, f"must be 1-{max_len} characters of letters, digits, '.', '_', ':' or '-'.")
     return value
 
 
-def _opt_id(value: Any, field: str, *, max_len: int = 64) -> str:
+def _opt_id(value: Any, field: str, *, max_len: int = MAX_CHARS["span_id"]) -> str:
     if value in (None, ""):
         return ""
     return _id(value, field, max_len=max_len)
-
-
-# Timestamps outside these years are refused: they are mistakes (a zero value, seconds taken for
-# milliseconds), and at the edges of the calendar they overflow date arithmetic.
-MIN_YEAR, MAX_YEAR = 1970, 2999
 
 
 def _time(value: Any, field: str) -> str:
@@ -283,12 +488,12 @@ def run_start_record(data: Any, *, received_at: str) -> dict:
     return {
         "op": "run.start",
         "run_id": _id(run_id, "run_id") if run_id not in (None, "") else new_id(),
-        "agent_name": _str(agent.get("name"), "agent.name", max_len=200),
-        "agent_version": _str(agent.get("version"), "agent.version", max_len=100),
+        "agent_name": _str(agent.get("name"), "agent.name", max_len=MAX_CHARS["agent_name"]),
+        "agent_version": _str(agent.get("version"), "agent.version", max_len=MAX_CHARS["agent_version"]),
         "input": _blob(data.get("input"), "input"),
-        "end_user": _str(data.get("end_user"), "end_user", max_len=256),
-        "session_id": _str(data.get("session_id"), "session_id", max_len=256),
-        "parent_run_id": _opt_id(data.get("parent_run_id"), "parent_run_id", max_len=128),
+        "end_user": _str(data.get("end_user"), "end_user", max_len=MAX_CHARS["end_user"]),
+        "session_id": _str(data.get("session_id"), "session_id", max_len=MAX_CHARS["session_id"]),
+        "parent_run_id": _opt_id(data.get("parent_run_id"), "parent_run_id", max_len=MAX_CHARS["parent_run_id"]),
         "metadata": _map(data.get("metadata"), "metadata"),
         "status": status,
         "started_at": _time(data["started_at"], "started_at") if data.get("started_at") else received_at,
@@ -308,7 +513,7 @@ def run_finish_record(run_id: str, data: Any, *, received_at: str) -> dict:
         "run_id": _id(run_id, "run_id"),
         "status": status,
         "output": _blob(data.get("output"), "output"),
-        "error_code": _str(data.get("error_code"), "error_code", max_len=100),
+        "error_code": _str(data.get("error_code"), "error_code", max_len=MAX_CHARS["error_code"]),
         "error_details": _blob(error_details, "error_details"),
         "failing_span_id": _opt_id(data.get("failing_span_id"), "failing_span_id"),
         "ended_at": _time(data["ended_at"], "ended_at") if data.get("ended_at") else received_at,
@@ -317,24 +522,24 @@ def run_finish_record(run_id: str, data: Any, *, received_at: str) -> dict:
 
 def _usage(value: Any, field: str) -> dict:
     usage = _obj(value, field)
-    unknown = set(usage) - set(USAGE_KEYS) - {"total_tokens"}
+    unknown = set(usage) - set(TOKEN_FIELDS) - {"total_tokens"}
     if unknown:
-        raise RecordError(f"{field}.{sorted(unknown)[0]}", f"is not a usage field ({', '.join(USAGE_KEYS)}).")
-    return {k: _count(usage.get(k), f"{field}.{k}") for k in USAGE_KEYS if usage.get(k) is not None}
+        raise RecordError(f"{field}.{sorted(unknown)[0]}", f"is not a usage field ({', '.join(TOKEN_FIELDS)}).")
+    return {k: _count(usage.get(k), f"{field}.{k}") for k in TOKEN_FIELDS if usage.get(k) is not None}
 
 
 def _tool(value: Any, field: str, *, partial: bool) -> dict:
     tool = _obj(value, field)
     out: dict[str, Any] = {}
     if "name" in tool or not partial:
-        out["name"] = _str(tool.get("name"), f"{field}.name", max_len=200, allow_empty=False)
+        out["name"] = _str(tool.get("name"), f"{field}.name", max_len=MAX_CHARS["tool.name"], allow_empty=False)
     if tool.get("call_id") is not None:
-        out["call_id"] = _str(tool.get("call_id"), f"{field}.call_id", max_len=200)
+        out["call_id"] = _str(tool.get("call_id"), f"{field}.call_id", max_len=MAX_CHARS["tool.call_id"])
     for key in ("arguments", "result"):
         if key in tool:
             out[key] = _blob(tool[key], f"{field}.{key}")
     if tool.get("error") is not None:
-        out["error"] = _str(tool.get("error"), f"{field}.error", max_len=10_000)
+        out["error"] = _str(tool.get("error"), f"{field}.error", max_len=MAX_CHARS["tool.error"])
     return out
 
 
@@ -346,7 +551,8 @@ def _events(value: Any, field: str) -> list:
     out = []
     for i, event in enumerate(value):
         event = _obj(event, f"{field}[{i}]")
-        item = {"name": _str(event.get("name"), f"{field}[{i}].name", max_len=500, allow_empty=False)}
+        item = {"name": _str(event.get("name"), f"{field}[{i}].name", max_len=MAX_CHARS["event.name"],
+                             allow_empty=False)}
         if event.get("time") is not None:
             item["time"] = _time(event["time"], f"{field}[{i}].time")
         if event.get("attributes") is not None:
@@ -354,6 +560,10 @@ def _events(value: Any, field: str) -> list:
         out.append(item)
     _blob(out, field)
     return out
+
+
+_SPAN_TEXT = tuple((key, MAX_CHARS[key]) for key in ("status_message", "error_code", "component", "action", "provider",
+                                                     "model", "response_model", "endpoint"))
 
 
 def _span_fields(data: dict, prefix: str, *, partial: bool) -> dict:
@@ -366,7 +576,7 @@ def _span_fields(data: dict, prefix: str, *, partial: bool) -> dict:
             raise RecordError(f"{p}kind", f"unknown kind {str(data['kind'])[:50]!r}; one of {', '.join(SpanKind.values)}.")
         out["kind"] = data["kind"]
     if data.get("name") is not None:
-        out["name"] = _str(data["name"], f"{p}name", max_len=500, allow_empty=False)
+        out["name"] = _str(data["name"], f"{p}name", max_len=MAX_CHARS["name"], allow_empty=False)
     for key in ("start_time", "end_time"):
         if data.get(key) is not None:
             out[key] = _time(data[key], f"{p}{key}")
@@ -374,13 +584,12 @@ def _span_fields(data: dict, prefix: str, *, partial: bool) -> dict:
         if data["status"] not in SPAN_STATUSES:
             raise RecordError(f"{p}status", "must be one of ok, error, unset.")
         out["status"] = data["status"]
-    for key, max_len in (("status_message", 10_000), ("error_code", 100), ("component", 200), ("action", 200),
-                         ("provider", 100), ("model", 200), ("response_model", 200), ("endpoint", 500)):
+    for key, max_len in _SPAN_TEXT:
         if data.get(key) is not None:
             out[key] = _str(data[key], f"{p}{key}", max_len=max_len)
     for key in ("retry_of", "fallback_of"):
         if data.get(key) not in (None, ""):
-            out[key] = _id(data[key], f"{p}{key}", max_len=64)
+            out[key] = _id(data[key], f"{p}{key}", max_len=MAX_CHARS["span_id"])
     if data.get("details") is not None:
         out["details"] = _blob(data["details"], f"{p}details")
     for key in ("input_messages", "output_messages"):
@@ -413,7 +622,8 @@ def span_record(run_id: str, data: Any, *, received_at: str, index: int | None =
     prefix = f"spans[{index}]." if index is not None else ""
     data = _obj(data, prefix.rstrip(".") or "body")
     span = _span_fields(data, prefix, partial=False)
-    span["span_id"] = _id(data["span_id"], f"{prefix}span_id", max_len=64) if data.get("span_id") else new_id()
+    span["span_id"] = (_id(data["span_id"], f"{prefix}span_id", max_len=MAX_CHARS["span_id"]) if data.get("span_id")
+                       else new_id())
     span["parent_span_id"] = _opt_id(data.get("parent_span_id"), f"{prefix}parent_span_id")
     span.setdefault("start_time", received_at)
     if "end_time" in span and span["end_time"] < span["start_time"]:
@@ -435,8 +645,8 @@ def span_update_record(run_id: str, span_id: str, data: Any, *, received_at: str
                           partial=True)
     if not fields:
         raise RecordError("body", "names no field to update.")
-    return {"op": "span.update", "run_id": _id(run_id, "run_id"), "span_id": _id(span_id, "span_id", max_len=64),
-            "fields": fields, "at": received_at}
+    return {"op": "span.update", "run_id": _id(run_id, "run_id"),
+            "span_id": _id(span_id, "span_id", max_len=MAX_CHARS["span_id"]), "fields": fields, "at": received_at}
 
 
 def spans_records(run_id: str, data: Any, *, received_at: str) -> list[dict]:
@@ -461,26 +671,51 @@ def spans_records(run_id: str, data: Any, *, received_at: str) -> list[dict]:
     return [span_record(run_id, data, received_at=received_at)]
 
 
-# --- the canonical record, as every producer emits it ---------------------------------------------
+# --- any producer's record, checked against the contract -------------------------------------------
 
-OPS = ("run.start", "span", "span.update", "run.finish")
+# Each TypedDict's keys (``__annotations__`` holds its bases' too).
+_DECLARED = {typed: frozenset(typed.__annotations__)
+             for typed in (*RECORD_TYPES.values(), Span, SpanFields, Usage, Stream, Tool, Event)}
+
+
+def _declared(value: dict, typed: type, prefix: str) -> None:
+    """Refuse a key the contract does not declare: a producer's typo, or a field added to a producer
+    and not to the contract (which every reader of records would then not know)."""
+    keys = _DECLARED[typed]
+    for key in value:
+        if key not in keys:
+            raise RecordError(f"{prefix}{key}", "is not a field of the record contract.")
+
+
+def _declared_span(span: dict, typed: type, prefix: str) -> None:
+    _declared(span, typed, prefix)
+    for key, nested in (("usage", Usage), ("stream", Stream), ("tool", Tool)):
+        if isinstance(span.get(key), dict):
+            _declared(span[key], nested, f"{prefix}{key}.")
+    for i, event in enumerate(span.get("events") or ()):
+        _declared(event, Event, f"{prefix}events[{i}].")
 
 
 def validate_record(rec: Any, field: str = "record") -> None:
-    """Check one canonical record (as the REST builders above or the OTLP normaliser emit it) against
-    what the store can hold. Raises RecordError naming the field. The projection uses it to say why a
-    record it could not store was refused; tests feed it every producer's output."""
+    """Check one canonical record, from any producer (the REST builders above, the OTLP normaliser, a
+    later one), against the contract: its keys are the TypedDicts' and its values are what the store
+    can hold. Raises RecordError naming the field. Not on the accept paths (the REST builders check
+    as they build; the normaliser builds within the limits): tests feed it every producer's output."""
     rec = _obj(rec, field)
     op = rec.get("op")
     if op not in OPS:
         raise RecordError(f"{field}.op", f"must be one of {', '.join(OPS)}.")
+    _declared(rec, RECORD_TYPES[op], f"{field}.")
     _id(rec.get("run_id"), f"{field}.run_id")
     if rec.get("trace_id") is not None:
-        _id(rec["trace_id"], f"{field}.trace_id", max_len=32)
+        _id(rec["trace_id"], f"{field}.trace_id", max_len=MAX_CHARS["trace_id"])
+    for flag in ("fill", "derive_status"):
+        if flag in rec and not isinstance(rec[flag], bool):
+            raise RecordError(f"{field}.{flag}", "must be true or false.")
     if op == "run.start":
-        for key, max_len in (("agent_name", 200), ("agent_version", 100), ("end_user", 256), ("session_id", 256)):
-            _str(rec.get(key), f"{field}.{key}", max_len=max_len)
-        _opt_id(rec.get("parent_run_id"), f"{field}.parent_run_id", max_len=128)
+        for key in ("agent_name", "agent_version", "end_user", "session_id"):
+            _str(rec.get(key), f"{field}.{key}", max_len=MAX_CHARS[key])
+        _opt_id(rec.get("parent_run_id"), f"{field}.parent_run_id", max_len=MAX_CHARS["parent_run_id"])
         _blob(rec.get("input"), f"{field}.input")
         _map(rec.get("metadata"), f"{field}.metadata")
         if not rec.get("fill"):
@@ -490,15 +725,18 @@ def validate_record(rec: Any, field: str = "record") -> None:
     elif op == "span":
         span = _obj(rec.get("span"), f"{field}.span")
         prefix = f"{field}.span."
-        _id(span.get("span_id"), f"{prefix}span_id", max_len=64)
+        _id(span.get("span_id"), f"{prefix}span_id", max_len=MAX_CHARS["span_id"])
         _opt_id(span.get("parent_span_id"), f"{prefix}parent_span_id")
         for key in ("name", "kind", "start_time"):
             if span.get(key) is None:
                 raise RecordError(f"{prefix}{key}", "is required.")
         _span_fields(span, prefix, partial=False)
+        _declared_span(span, Span, prefix)
     elif op == "span.update":
-        _id(rec.get("span_id"), f"{field}.span_id", max_len=64)
-        _span_fields(_obj(rec.get("fields"), f"{field}.fields"), f"{field}.fields.", partial=True)
+        _id(rec.get("span_id"), f"{field}.span_id", max_len=MAX_CHARS["span_id"])
+        fields = _obj(rec.get("fields"), f"{field}.fields")
+        _span_fields(fields, f"{field}.fields.", partial=True)
+        _declared_span(fields, SpanFields, f"{field}.fields.")
         if rec.get("at") is not None:
             _time(rec["at"], f"{field}.at")
     else:
@@ -506,9 +744,67 @@ def validate_record(rec: Any, field: str = "record") -> None:
             raise RecordError(f"{field}.status", f"must be one of {', '.join(RUN_FINISH_STATUSES)}.")
         _blob(rec.get("output"), f"{field}.output")
         _blob(rec.get("error_details"), f"{field}.error_details")
-        _str(rec.get("error_code"), f"{field}.error_code", max_len=100)
+        _str(rec.get("error_code"), f"{field}.error_code", max_len=MAX_CHARS["error_code"])
         _opt_id(rec.get("failing_span_id"), f"{field}.failing_span_id")
         _time(rec.get("ended_at"), f"{field}.ended_at")
+
+
+# --- redaction: which values of a record are free text ----------------------------------------------
+# Keys whose values are structure (ids, enums, times, model and provider names, counts), never free
+# text; every other value is scanned, so a field added to the contract is redacted until listed here.
+# A run's ``end_user`` and ``session_id`` are kept too: the attribution the sender chose to give.
+_STRUCTURE_RUN_START = frozenset({"op", "run_id", "trace_id", "agent_name", "agent_version", "end_user",
+                                  "session_id", "parent_run_id", "status", "started_at", "fill"})
+_STRUCTURE_RUN_FINISH = frozenset({"op", "run_id", "trace_id", "status", "error_code", "failing_span_id", "ended_at",
+                                   "derive_status"})
+_STRUCTURE_SPAN = frozenset({"span_id", "parent_span_id", "kind", "start_time", "end_time", "status", "error_code",
+                             "provider", "model", "response_model", "retry_of", "fallback_of", "usage",
+                             "time_to_first_token_ms", "stream", "component"})
+# Maps of attributes: a key the project exempts (``Redactor.exempt``) keeps its value.
+_EXEMPTABLE = frozenset({"attributes", "details", "metadata"})
+
+
+def _redact_span(fields: dict, redactor: Redactor) -> dict:
+    out = {}
+    for key, value in fields.items():
+        if key in _STRUCTURE_SPAN or value is None:
+            out[key] = value
+        elif key == "tool" and isinstance(value, dict):
+            out[key] = {k: (v if k in ("name", "call_id") else redactor.value(v)) for k, v in value.items()}
+        elif key == "events":
+            out[key] = [_redact_event(e, redactor) for e in value] if isinstance(value, list) else redactor.value(value)
+        else:
+            out[key] = redactor.value(value, exemptable=key in _EXEMPTABLE)
+    return out
+
+
+def _redact_event(event: Any, redactor: Redactor) -> Any:
+    if not isinstance(event, dict):
+        return redactor.value(event)
+    out = dict(event)
+    if "name" in out:
+        out["name"] = redactor.value(out["name"])
+    if "attributes" in out:
+        out["attributes"] = redactor.value(out["attributes"], exemptable=True)
+    return out
+
+
+def redact(record: dict, redactor: Redactor) -> dict:
+    """The record as it may be stored: every free-text value through the project's ``redactor``
+    (inputs, outputs, messages, tool arguments / results / errors, events, attributes, details,
+    metadata, status messages, span names, endpoints); structure is left alone. A new dict: the
+    record given is not changed. The projection calls it on every record before it is applied, so
+    every producer's records are redacted the same way."""
+    op = record.get("op")
+    if op == "span":
+        return {**record, "span": _redact_span(record["span"], redactor)}
+    if op == "span.update":
+        return {**record, "fields": _redact_span(record["fields"], redactor)}
+    keep = _STRUCTURE_RUN_START if op == "run.start" else _STRUCTURE_RUN_FINISH if op == "run.finish" else None
+    if keep is None:
+        return record
+    return {k: (v if k in keep or v is None else redactor.value(v, exemptable=k in _EXEMPTABLE))
+            for k, v in record.items()}
 
 
 def parse_time(value: str | None) -> datetime | None:

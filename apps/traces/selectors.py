@@ -1,8 +1,8 @@
-"""Reads of the run log for the API and, later, the dashboard: always scoped to what the caller may see.
+"""Reads of the run log for the API and the pages: always scoped to what the caller may see.
 
-A run's detail is built from a fixed number of queries whatever its size: the run, its spans, its late
-span updates, its tool calls and its child runs (one query each). Spans are merged with their updates
-(``services.merge_span``) and returned flat in tree order (depth-first, siblings by start time) with
+A run's detail (``run_detail``) is built from a fixed number of queries whatever its size: the run, its
+spans, its late span updates, its tool calls and its child runs (one query each). Spans are merged with
+their updates (``spans.effective_spans``) and returned flat in tree order (depth-first, siblings by start time) with
 ``depth`` and ``children``: a UI draws the tree from that directly, and a 5,000-deep chain of spans
 cannot overflow a recursive encoder.
 """
@@ -19,24 +19,16 @@ from django.db.models.functions import Cast
 from django.http import Http404
 
 from apps.common.errors import ApiError, ErrorCode
-from apps.projects.models import ApiKey, Project
 
-from .models import TOKEN_FIELDS, Run, Span, SpanUpdate, ToolCall
-from .records import USAGE_KEYS, parse_time
-from .services import merge_span, span_to_record
+from . import topology
+from .models import TOKEN_FIELDS, Run, ToolCall
+from .records import parse_time
+from .spans import effective_spans
 
 
 def runs_visible_to(principal, *, project_slug: str | None = None) -> QuerySet[Run]:
     """Runs of the projects ``principal`` (an API key or a person) may see; optionally one project."""
-    if isinstance(principal, ApiKey):
-        qs = Run.objects.filter(project_id=principal.project_id)
-        if project_slug and project_slug != principal.project.slug:
-            return qs.none()
-        return qs
-    projects = Project.objects.visible_to(principal)
-    if project_slug:
-        projects = projects.filter(slug=project_slug)
-    return Run.objects.filter(project_id__in=list(projects.values_list("pk", flat=True)))
+    return Run.objects.visible_to(principal, project_slug=project_slug or None)
 
 
 def _json_has(field: str, value: str) -> Q:
@@ -117,7 +109,7 @@ def _span_out(eff: dict, *, updated: bool) -> dict:
         "component": eff.get("component", ""), "action": eff.get("action", ""), "details": eff.get("details"),
         "provider": eff.get("provider", ""), "model": eff.get("model", ""),
         "response_model": eff.get("response_model", ""), "endpoint": eff.get("endpoint", ""),
-        "usage": {k: usage.get(k) for k in USAGE_KEYS} if usage else None,
+        "usage": {k: usage.get(k) for k in TOKEN_FIELDS} if usage else None,
         "time_to_first_token_ms": eff.get("time_to_first_token_ms"), "stream": eff.get("stream"),
         "input_messages": eff.get("input_messages"), "output_messages": eff.get("output_messages"),
         "tool": eff.get("tool"), "attributes": eff.get("attributes") or {}, "events": eff.get("events") or [],
@@ -158,11 +150,7 @@ def _tree_order(spans: list[dict]) -> list[dict]:
 
 def run_spans(run: Run) -> list[dict]:
     """A run's effective spans (each merged with its updates) in tree order, with what recovered what."""
-    updates: dict[str, list[dict]] = defaultdict(list)
-    for span_id, fields in SpanUpdate.objects.filter(run=run).order_by("id").values_list("span_id", "fields"):
-        updates[span_id].append(fields)
-    spans = [_span_out(merge_span(span_to_record(s), updates.get(s.span_id, [])), updated=s.span_id in updates)
-             for s in Span.objects.filter(run=run).order_by("start_time", "id")]
+    spans = [_span_out(eff, updated=updated) for _, eff, updated in effective_spans(run)]
     by_id = {s["span_id"]: s for s in spans}
     for s in spans:
         for link, how in (("retry_of", "retry"), ("fallback_of", "fallback")):
@@ -197,3 +185,16 @@ def run_usage(run: Run) -> dict[str, int]:
 
 def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+def run_detail(*, principal, run_id: str, project_slug: str | None = None) -> tuple[Run, dict[str, Any]]:
+    """One run in full, if the caller may see it (else 404): the run, and beside it what the run's page
+    and the API's run detail show: input, output, metadata, error details, child run ids, the span tree
+    (``run_spans``), its topology and the tool calls."""
+    run = run_get(principal=principal, run_id=run_id, project_slug=project_slug)
+    spans = run_spans(run)
+    return run, {
+        "input": run.input, "output": run.output, "metadata": run.metadata, "error_details": run.error_details,
+        "child_run_ids": run_children(run), "spans": spans, "topology": topology.build(spans),
+        "tool_calls": [{**t, "started_at": iso(t["started_at"])} for t in run_tool_calls(run)],
+    }

@@ -1,8 +1,8 @@
 """Shapes of the run log API.
 
 Writes are validated by ``records.py`` (it names the exact field at fault and runs for every span);
-the ``*In`` serializers here only describe those bodies in the OpenAPI schema. Reads use the output
-serializers below.
+the ``*In`` serializers here only describe those bodies in the OpenAPI schema, with the record
+contract's limits (``records.MAX_CHARS``). Reads use the output serializers below.
 """
 from __future__ import annotations
 
@@ -10,36 +10,36 @@ import json
 
 from rest_framework import serializers
 
-from .models import Run, SpanKind, SpanStatus
-from .records import MAX_SPANS_PER_REQUEST
+from .models import TOKEN_FIELDS, Run, SpanKind, SpanStatus
+from .records import MAX_CHARS, MAX_SPANS_PER_REQUEST, RUN_FINISH_STATUSES, RUN_START_STATUSES
 from .selectors import run_usage
 
 # --- request bodies (schema only) ------------------------------------------------------------------
 
 
 class AgentIn(serializers.Serializer):
-    name = serializers.CharField(max_length=200)
-    version = serializers.CharField(max_length=100, required=False)
+    name = serializers.CharField(max_length=MAX_CHARS["agent_name"])
+    version = serializers.CharField(max_length=MAX_CHARS["agent_version"], required=False)
 
 
 class RunStartIn(serializers.Serializer):
-    run_id = serializers.CharField(required=False, max_length=128, help_text="Your own id; assigned if absent.")
+    run_id = serializers.CharField(required=False, max_length=MAX_CHARS["run_id"],
+                                   help_text="Your own id; assigned if absent.")
     agent = AgentIn(required=False, help_text="An object, or just the agent's name as a string.")
     input = serializers.JSONField(required=False)
-    end_user = serializers.CharField(required=False, max_length=256, help_text="Who asked for this run.")
-    session_id = serializers.CharField(required=False, max_length=256)
-    parent_run_id = serializers.CharField(required=False, max_length=128, help_text="For a sub-agent's run.")
+    end_user = serializers.CharField(required=False, max_length=MAX_CHARS["end_user"],
+                                     help_text="Who asked for this run.")
+    session_id = serializers.CharField(required=False, max_length=MAX_CHARS["session_id"])
+    parent_run_id = serializers.CharField(required=False, max_length=MAX_CHARS["parent_run_id"],
+                                          help_text="For a sub-agent's run.")
     metadata = serializers.DictField(required=False)
-    status = serializers.ChoiceField(choices=["pending", "running"], required=False, default="running")
+    status = serializers.ChoiceField(choices=list(RUN_START_STATUSES), required=False, default="running")
     started_at = serializers.DateTimeField(required=False, help_text="RFC 3339 with offset; default: now.")
 
 
-class UsageIn(serializers.Serializer):
-    input_tokens = serializers.IntegerField(min_value=0, required=False)
-    output_tokens = serializers.IntegerField(min_value=0, required=False)
-    cache_read_tokens = serializers.IntegerField(min_value=0, required=False)
-    cache_write_tokens = serializers.IntegerField(min_value=0, required=False)
-    reasoning_tokens = serializers.IntegerField(min_value=0, required=False)
+# The usage object's keys are the token columns (one definition: models.TOKEN_FIELDS).
+UsageIn = type("UsageIn", (serializers.Serializer,), {
+    "__module__": __name__, **{k: serializers.IntegerField(min_value=0, required=False) for k in TOKEN_FIELDS}})
 
 
 class StreamIn(serializers.Serializer):
@@ -48,8 +48,8 @@ class StreamIn(serializers.Serializer):
 
 
 class ToolIn(serializers.Serializer):
-    name = serializers.CharField(max_length=200)
-    call_id = serializers.CharField(max_length=200, required=False)
+    name = serializers.CharField(max_length=MAX_CHARS["tool.name"])
+    call_id = serializers.CharField(max_length=MAX_CHARS["tool.call_id"], required=False)
     arguments = serializers.JSONField(required=False)
     result = serializers.JSONField(required=False)
     error = serializers.CharField(required=False)
@@ -65,27 +65,30 @@ class SpanIn(serializers.Serializer):
     """One span. Send an object, a list of them, or ``{"spans": [...]}`` (at most
     %d per request)."""
 
-    span_id = serializers.CharField(required=False, max_length=64, help_text="Your own id; assigned if absent.")
-    parent_span_id = serializers.CharField(required=False, max_length=64)
+    span_id = serializers.CharField(required=False, max_length=MAX_CHARS["span_id"],
+                                    help_text="Your own id; assigned if absent.")
+    parent_span_id = serializers.CharField(required=False, max_length=MAX_CHARS["span_id"])
     kind = serializers.ChoiceField(choices=SpanKind.choices, required=False,
                                    help_text="Inferred when absent (tool, llm, step or other).")
-    name = serializers.CharField(required=False, max_length=500)
+    name = serializers.CharField(required=False, max_length=MAX_CHARS["name"])
     start_time = serializers.DateTimeField(required=False, help_text="RFC 3339 with offset; default: now.")
     end_time = serializers.DateTimeField(required=False, help_text="Leave out to open the span; PATCH closes it.")
     status = serializers.ChoiceField(choices=SpanStatus.choices, required=False)
     status_message = serializers.CharField(required=False)
-    error_code = serializers.CharField(required=False, max_length=100)
-    retry_of = serializers.CharField(required=False, max_length=64, help_text="The span this one retries.")
-    fallback_of = serializers.CharField(required=False, max_length=64, help_text="The span this one replaces.")
+    error_code = serializers.CharField(required=False, max_length=MAX_CHARS["error_code"])
+    retry_of = serializers.CharField(required=False, max_length=MAX_CHARS["span_id"],
+                                     help_text="The span this one retries.")
+    fallback_of = serializers.CharField(required=False, max_length=MAX_CHARS["span_id"],
+                                        help_text="The span this one replaces.")
     attributes = serializers.DictField(required=False, help_text="Free map, kept verbatim.")
     events = EventIn(many=True, required=False)
-    component = serializers.CharField(required=False, max_length=200)
-    action = serializers.CharField(required=False, max_length=200)
+    component = serializers.CharField(required=False, max_length=MAX_CHARS["component"])
+    action = serializers.CharField(required=False, max_length=MAX_CHARS["action"])
     details = serializers.JSONField(required=False)
-    provider = serializers.CharField(required=False, max_length=100)
-    model = serializers.CharField(required=False, max_length=200)
-    response_model = serializers.CharField(required=False, max_length=200)
-    endpoint = serializers.CharField(required=False, max_length=500)
+    provider = serializers.CharField(required=False, max_length=MAX_CHARS["provider"])
+    model = serializers.CharField(required=False, max_length=MAX_CHARS["model"])
+    response_model = serializers.CharField(required=False, max_length=MAX_CHARS["response_model"])
+    endpoint = serializers.CharField(required=False, max_length=MAX_CHARS["endpoint"])
     usage = UsageIn(required=False)
     time_to_first_token_ms = serializers.FloatField(required=False, min_value=0)
     stream = StreamIn(required=False)
@@ -98,12 +101,11 @@ SpanIn.__doc__ = SpanIn.__doc__ % MAX_SPANS_PER_REQUEST
 
 
 class RunFinishIn(serializers.Serializer):
-    status = serializers.ChoiceField(choices=["completed", "failed", "cancelled"], required=False,
-                                     default="completed")
+    status = serializers.ChoiceField(choices=list(RUN_FINISH_STATUSES), required=False, default="completed")
     output = serializers.JSONField(required=False)
-    error_code = serializers.CharField(required=False, max_length=100)
+    error_code = serializers.CharField(required=False, max_length=MAX_CHARS["error_code"])
     error_details = serializers.DictField(required=False)
-    failing_span_id = serializers.CharField(required=False, max_length=64)
+    failing_span_id = serializers.CharField(required=False, max_length=MAX_CHARS["span_id"])
     ended_at = serializers.DateTimeField(required=False)
 
 
@@ -142,11 +144,12 @@ class RunFilterSerializer(serializers.Serializer):
 
     project = serializers.SlugField(required=False, help_text="A project slug (people who see several).")
     status = serializers.CharField(required=False, help_text="One status or several, comma-separated.")
-    agent = serializers.CharField(required=False, max_length=200)
-    end_user = serializers.CharField(required=False, max_length=256)
-    session_id = serializers.CharField(required=False, max_length=256)
-    model = serializers.CharField(required=False, max_length=200, help_text="Requested or responding model.")
-    provider = serializers.CharField(required=False, max_length=100)
+    agent = serializers.CharField(required=False, max_length=MAX_CHARS["agent_name"])
+    end_user = serializers.CharField(required=False, max_length=MAX_CHARS["end_user"])
+    session_id = serializers.CharField(required=False, max_length=MAX_CHARS["session_id"])
+    model = serializers.CharField(required=False, max_length=MAX_CHARS["model"],
+                                  help_text="Requested or responding model.")
+    provider = serializers.CharField(required=False, max_length=MAX_CHARS["provider"])
     started_after = serializers.DateTimeField(required=False)
     started_before = serializers.DateTimeField(required=False)
     has_error = serializers.BooleanField(required=False, allow_null=True, default=None,
@@ -161,13 +164,8 @@ class RunFilterSerializer(serializers.Serializer):
         return statuses
 
 
-class UsageOut(serializers.Serializer):
-    input_tokens = serializers.IntegerField()
-    output_tokens = serializers.IntegerField()
-    cache_read_tokens = serializers.IntegerField()
-    cache_write_tokens = serializers.IntegerField()
-    reasoning_tokens = serializers.IntegerField()
-    total_tokens = serializers.IntegerField()
+UsageOut = type("UsageOut", (serializers.Serializer,), {
+    "__module__": __name__, **{k: serializers.IntegerField() for k in (*TOKEN_FIELDS, "total_tokens")}})
 
 
 class RunOut(serializers.Serializer):

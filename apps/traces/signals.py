@@ -1,11 +1,39 @@
-"""Signals for apps above traces (evals, costs, the dashboard) to react to the run log without
-traces importing them. Sent after the projection's transaction commits; a failing receiver is
-logged and never undoes or stalls ingest.
+"""Signals for apps above traces (costs, evals, the queue, the pages) to react to the run log without
+traces importing them.
 
-* ``run_changed(sender=Run, run, new_span_ids, updated_span_ids)``: a run or its spans changed.
-* ``run_finished(sender=Run, run)``: a run reached a terminal status.
+* ``spans_projected(sender=Run, project_id, changes: list[SpanChange])``: sent by the projection
+  *inside* its transaction, once per group of records it applied, for every span whose effective form
+  (span + late updates) changed. A receiver that writes (a cost rollup) writes in the same transaction,
+  so what it derives is exact: it commits with the spans or not at all, and a re-sent span that
+  changes nothing is not in ``changes``. A receiver that raises fails the projection of those records
+  (they are retried, then set aside as dead records): receivers must be correct and cheap.
+* ``run_changed(sender=Run, run, new_span_ids, updated_span_ids)``: after commit, a run or its spans
+  changed (for live pages). A failing receiver is logged and never undoes or stalls ingest.
+* ``run_finished(sender=Run, run)``: after commit, a run reached a terminal status (including LOST,
+  from housekeeping).
 """
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from django.dispatch import Signal
 
+if TYPE_CHECKING:
+    from .models import Run
+
+
+@dataclass(frozen=True)
+class SpanChange:
+    """One span's effective form before and after a projection (``before`` None: a new span)."""
+
+    run: Run
+    span_pk: int
+    span_id: str
+    before: dict | None
+    after: dict
+
+
+spans_projected = Signal()
 run_changed = Signal()
 run_finished = Signal()

@@ -1,4 +1,4 @@
-"""The redaction rules, one type at a time, and how a record is walked (pure: no database)."""
+"""The redaction rules, one type at a time, and how a JSON value is walked (pure: no database)."""
 from __future__ import annotations
 
 import pytest
@@ -76,31 +76,13 @@ def test_bad_extra_patterns_are_refused(patterns, fragment):
         validate_extra_patterns(patterns)
 
 
-def test_records_redact_free_text_and_keep_structure():
+def test_json_values_redact_every_string_and_keep_keys_and_exempt_attributes():
+    """The generic walk: which values of a record are free text is the record module's
+    (``apps.traces.records.redact``, tested in tests/traces/test_record_contract.py)."""
     redactor = Redactor(exempt_attributes=["http.client_ip", "debug.*"])
-    span = redactor.record({"op": "span", "run_id": "r1", "span": {
-        "span_id": "s1", "kind": "tool", "name": "email bob@example.com", "model": "gpt-4o",
-        "start_time": "2026-01-01T00:00:00+00:00", "status": "ok",
-        "tool": {"name": "send_mail", "call_id": "call_1", "arguments": {"to": "bob@example.com", "cc": ["a@b.io"]},
-                 "result": "sent with key sk-abcdefghijklmnopqrstuvwxyz"},
-        "input_messages": [{"role": "user", "content": "my card is 4111111111111111"}],
-        "attributes": {"http.client_ip": "203.0.113.7", "net.peer.ip": "203.0.113.8", "debug.raw": "x@y.com",
-                       "count": 3},
-        "events": [{"name": "log", "attributes": {"body": "call +1 415 555 2671"}}],
-    }})["span"]
-    assert span["name"] == "email [EMAIL]"
-    assert span["tool"] == {"name": "send_mail", "call_id": "call_1",
-                            "arguments": {"to": "[EMAIL]", "cc": ["[EMAIL]"]}, "result": "sent with key [API_KEY]"}
-    assert span["input_messages"][0]["content"] == "my card is [CARD]"
-    assert span["attributes"] == {"http.client_ip": "203.0.113.7", "net.peer.ip": "[IP]", "debug.raw": "x@y.com",
-                                  "count": 3}
-    assert span["events"][0]["attributes"]["body"] == "call [PHONE]"
-    assert span["model"] == "gpt-4o" and span["span_id"] == "s1"
-
-    start = redactor.record({"op": "run.start", "run_id": "r1", "end_user": "u@example.com",
-                             "input": {"q": "reach me at u@example.com"}, "metadata": {"ip": "10.1.2.3"}})
-    assert start["end_user"] == "u@example.com"  # the attribution the sender chose
-    assert start["input"] == {"q": "reach me at [EMAIL]"} and start["metadata"] == {"ip": "[IP]"}
-    finish = redactor.record({"op": "run.finish", "run_id": "r1", "output": "done, AKIAIOSFODNN7EXAMPLE",
-                              "error_details": {"peer": "2001:db8::1:0:0:1"}})
-    assert finish["output"] == "done, [API_KEY]" and finish["error_details"] == {"peer": "[IP]"}
+    value = {"bob@example.com": ["call +1 415 555 2671", 3, None, {"ip": "203.0.113.8"}], "ok": True}
+    assert redactor.value(value) == {"bob@example.com": ["call [PHONE]", 3, None, {"ip": "[IP]"}], "ok": True}
+    attributes = {"http.client_ip": "203.0.113.7", "net.peer.ip": "203.0.113.8", "debug.raw": "x@y.com"}
+    assert redactor.value(attributes, exemptable=True) == {
+        "http.client_ip": "203.0.113.7", "net.peer.ip": "[IP]", "debug.raw": "x@y.com"}
+    assert redactor.value(attributes)["http.client_ip"] == "[IP]"  # exempt only in a map of attributes

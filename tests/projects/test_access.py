@@ -123,3 +123,50 @@ def test_only_people_allowed_to_may_create_projects(db, client_for, charlie, dja
     assert resp.status_code == 201 and resp.json()["slug"] == "mine"
     assert AuditEvent.objects.filter(action="project.created", project_slug="mine", actor_repr="root").exists()
     assert AuditEvent.objects.filter(action="role.granted", project_slug="mine").exists()
+
+
+def _project_owned_models():
+    from django.apps import apps
+
+    from apps.projects.models import Project
+
+    return [m for m in apps.get_models() if m is Project or any(
+        f.many_to_one and f.related_model is Project for f in m._meta.fields)]
+
+
+def test_every_project_owned_model_has_visible_to():
+    """A model with a foreign key to Project gets ``visible_to`` by using ProjectOwnedQuerySet."""
+    from apps.projects.models import ProjectOwnedQuerySet
+
+    owned = _project_owned_models()
+    assert {m._meta.label for m in owned} >= {"projects.Project", "projects.ApiKey", "projects.ProjectRole",
+                                              "traces.Run", "traces.Span", "traces.ToolCall",
+                                              "traces.IngestBatch", "traces.DeadRecord"}
+    without = [m._meta.label for m in owned if not isinstance(m._default_manager.all(), ProjectOwnedQuerySet)]
+    assert not without, f"project-owned models without ProjectOwnedQuerySet: {without}"
+
+
+def test_project_access_answers_projects_and_roles_for_every_kind_of_principal(
+        project, other_project, alice, bob, charlie, make_key, django_user_model):
+    from django.contrib.auth.models import AnonymousUser
+
+    from apps.projects.access import project_access
+    from apps.projects.models import Project, ProjectRole
+
+    key, _ = make_key(other_project)
+    make_key(project)
+    root = django_user_model.objects.create_superuser("root", password="pw")
+    assert project_access(bob).roles == {project.pk: frozenset({"auditor"})}
+    assert project_access(key).roles == {other_project.pk: frozenset()}  # its project, no person's role
+    assert not project_access(charlie).roles and not project_access(AnonymousUser()).roles
+    assert project_access(None).roles == {} and not project_access(root).roles and project_access(root).everything
+
+    for model in (Project, ApiKey, ProjectRole):
+        field = "pk" if model is Project else "project_id"
+        seen = {who: set(model.objects.visible_to(who).values_list(field, flat=True))
+                for who in (bob, key, charlie, None, root)}
+        assert seen == {bob: {project.pk}, key: {other_project.pk}, charlie: set(), None: set(),
+                        root: {project.pk, other_project.pk}}, model
+    assert list(Project.objects.visible_to(bob, project_slug="globex")) == []
+    assert list(Project.objects.visible_to(root, project_slug="globex")) == [other_project]
+    assert list(Project.objects.visible_to(key, project_slug="acme")) == []

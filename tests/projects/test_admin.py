@@ -83,3 +83,38 @@ def test_the_schema_documents_the_error_envelope(client):
 def test_unknown_api_paths_answer_with_the_envelope(client):
     resp = client.get("/api/v1/nope")
     assert resp.status_code == 404 and resp.json()["error_code"] == "not_found"
+
+
+def _staff_with(user, client, *codenames):
+    from django.contrib.auth.models import Permission
+
+    user.is_staff = True
+    user.save()
+    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    client.force_login(user)
+    return client
+
+
+def test_staff_mint_keys_only_in_projects_whose_keys_they_manage(project, other_project, client, alice, bob):
+    c = _staff_with(alice, client, "add_apikey", "view_apikey", "change_apikey")
+    form = c.get("/admin/projects/apikey/add/").content.decode()
+    assert ">acme<" in form and "globex" not in form  # the project choices are alice's
+    resp = c.post("/admin/projects/apikey/add/", {"project": other_project.pk, "name": "sneaky",
+                                                  "scopes": '["ingest"]', "expires_at_0": "", "expires_at_1": ""})
+    assert resp.status_code == 200 and "Select a valid choice" in resp.content.decode()
+    assert not ApiKey.objects.filter(name="sneaky").exists()
+
+    # An auditor holding Django's add/change permission still manages no project's keys.
+    auditor = _staff_with(bob, client, "add_apikey", "view_apikey", "change_apikey")
+    assert ">acme<" not in auditor.get("/admin/projects/apikey/add/").content.decode()
+    key = ApiKey.objects.create(project=project, name="kept", lookup="x" * 12, key_hash="h", scopes=["read"])
+    auditor.post("/admin/projects/apikey/", {"action": "revoke_keys", "_selected_action": [key.pk]})
+    key.refresh_from_db()
+    assert key.revoked_at is None
+
+
+def test_role_groups_are_for_superusers_only(project, other_project, client, alice):
+    """Group names tell every project's slug: staff holding Django's group permissions still see none."""
+    c = _staff_with(alice, client, "view_group", "change_group")
+    assert c.get("/admin/auth/group/").status_code == 403
+    assert "globex" not in c.get("/admin/").content.decode()

@@ -19,7 +19,7 @@ def drain() -> int:
     from apps.traces.models import IngestBatch
 
     total = 0
-    while n := services.inbox_project():
+    while n := services.inbox_step():
         total += n
     waiting = list(IngestBatch.objects.filter(status__in=["pending", "processing"]).values("pk", "status", "error"))
     assert not waiting, waiting

@@ -8,10 +8,9 @@ import json
 import pytest
 
 from apps.audit.models import AuditEvent
-from apps.common import redaction
 from apps.projects import services as project_services
 from apps.projects.models import Role
-from apps.traces import services
+from apps.traces import projection, records, services
 from apps.traces.models import DeadRecord, IngestBatch, Run, Span
 
 from .helpers import accept, at, drain, span, start
@@ -30,9 +29,9 @@ def _good(run_id: str) -> list[dict]:
 def _escaped_kind():
     """Batches stored as bytes (as OTLP's are) and decoded on the worker: what a decoder emits never
     passed through a JSON column, so it can hold what the store refuses (a decoder bug)."""
-    services.register_decoder(ESCAPED, lambda batch: json.loads(bytes(batch.raw)))
+    services.register_decoder(ESCAPED, lambda payload, raw: json.loads(raw))
     yield
-    services.DECODERS.pop(ESCAPED, None)
+    projection.DECODERS.pop(ESCAPED, None)
 
 
 ESCAPED = "test.escaped"
@@ -102,14 +101,14 @@ def test_an_undecodable_batch_is_still_dead_whole_and_can_be_put_back(project, m
 def test_a_record_failed_by_a_bug_is_stored_by_reprojection_once_the_bug_is_fixed(project, make_key, monkeypatch,
                                                                                 root_actor):
     key = make_key(project)[0]
-    real = redaction.Redactor.record
+    real = records.redact
 
-    def buggy(self, record):
+    def buggy(record, redactor):
         if record.get("op") == "span" and record["span"]["span_id"] == "tricky":
             raise RecursionError("maximum recursion depth exceeded")  # the bug
-        return real(self, record)
+        return real(record, redactor)
 
-    monkeypatch.setattr(redaction.Redactor, "record", buggy)
+    monkeypatch.setattr(records, "redact", buggy)
     accept(project, key, [*_good("r3"), span("r3", span_id="tricky", kind="tool", tool={"name": "mail"},
                                              attributes={"to": "jane@example.com"}, start_time=at(3))])
     drain()
@@ -118,7 +117,7 @@ def test_a_record_failed_by_a_bug_is_stored_by_reprojection_once_the_bug_is_fixe
     assert "jane@example.com" not in dead.preview  # the preview is redacted (by the working path)
     assert not Span.objects.filter(span_id="tricky").exists()
 
-    monkeypatch.setattr(redaction.Redactor, "record", real)  # the fix ships
+    monkeypatch.setattr(records, "redact", real)  # the fix ships
     assert services.dead_record_reproject(dead, actor=root_actor)
     stored = Span.objects.get(span_id="tricky")
     assert stored.attributes == {"to": "[EMAIL]"}  # redacted on the way in, as any record

@@ -183,12 +183,44 @@ def test_runs_past_retention_go_with_everything_of_theirs_and_it_is_audited(proj
     assert not Span.objects.filter(run__run_id__in=["old-1", "old-2"]).exists()
     # Another project without retention keeps its old run.
     assert Run.objects.filter(project=other_project, run_id="other-old").exists()
-    event = AuditEvent.objects.get(action="traces.retention_purged")
-    assert event.project_slug == project.slug and event.actor_type == "system"
-    assert event.after | {"cutoff": None} == {"retention_days": 30, "cutoff": None, **deleted}
-    # Nothing left to do: no second audit event.
+    # One audit event per chunk, written in the chunk's transaction: together they tell every deletion.
+    events = list(AuditEvent.objects.filter(action="traces.retention_purged").order_by("seq"))
+    assert len(events) > 1
+    assert all(e.project_slug == project.slug and e.actor_type == "system" for e in events)
+    assert all(e.after["retention_days"] == 30 for e in events)
+    assert {k: sum(e.after[k] for e in events) for k in deleted} == deleted
+    # Nothing left to do: no further audit event.
     assert housekeeping.runs_purge_expired() == dict.fromkeys(deleted, 0)
-    assert AuditEvent.objects.filter(action="traces.retention_purged").count() == 1
+    assert AuditEvent.objects.filter(action="traces.retention_purged").count() == len(events)
+
+
+def test_a_chunk_whose_audit_row_fails_deletes_nothing(project, key, monkeypatch):
+    """A crash between a chunk's deletions and its audit row cannot leave deletions unaudited: both are
+    one transaction. The chunks before it stay deleted and audited."""
+    project.retention_days = 30
+    project.save()
+    for run_id in ("old-1", "old-2"):
+        accept(project, key, _tool_run(run_id))
+    drain()
+    _age(["old-1", "old-2"], days=40)
+    before = _counts(project)
+    calls = []
+    real_audit = housekeeping.audit_record
+
+    def audit_then_fail(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 2:
+            raise RuntimeError("the process died here")
+        return real_audit(**kwargs)
+
+    monkeypatch.setattr(housekeeping, "audit_record", audit_then_fail)
+    with pytest.raises(RuntimeError):
+        housekeeping.runs_purge_expired(chunk_rows=2)
+    after = _counts(project)
+    events = list(AuditEvent.objects.filter(action="traces.retention_purged"))
+    assert len(events) == 1
+    audited = {k: events[0].after[k] for k in ("runs", "spans", "span_updates", "tool_calls")}
+    assert {k: before[k] - after[k] for k in before} == audited
 
 
 def test_one_chunk_deletes_at_most_its_rows_and_keeps_runs_until_they_are_empty(project, key):
@@ -196,14 +228,14 @@ def test_one_chunk_deletes_at_most_its_rows_and_keeps_runs_until_they_are_empty(
     counts = dict.fromkeys(["runs", "spans", "span_updates", "tool_calls"], 0)
     cutoff = timezone.now() - timedelta(days=1)
 
-    assert housekeeping._purge_chunk(project, cutoff, 2, counts) is True
+    assert housekeeping._purge_chunk(project, cutoff, 2, 1, counts) is True
     assert counts == {"runs": 0, "spans": 0, "span_updates": 1, "tool_calls": 1}
     assert Run.objects.filter(run_id="old").exists() and Span.objects.count() == 2
-    assert housekeeping._purge_chunk(project, cutoff, 2, counts) is True
+    assert housekeeping._purge_chunk(project, cutoff, 2, 1, counts) is True
     assert counts["spans"] == 2 and Run.objects.filter(run_id="old").exists()
-    assert housekeeping._purge_chunk(project, cutoff, 2, counts) is True  # nothing of it left: the run goes
+    assert housekeeping._purge_chunk(project, cutoff, 2, 1, counts) is True  # nothing of it left: the run goes
     assert counts["runs"] == 1 and not Run.objects.exists()
-    assert housekeeping._purge_chunk(project, cutoff, 2, counts) is False
+    assert housekeeping._purge_chunk(project, cutoff, 2, 1, counts) is False
 
 
 def test_the_server_default_applies_to_projects_without_their_own(project, other_project, key, make_key,

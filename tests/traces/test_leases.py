@@ -8,7 +8,7 @@ import pytest
 from django.db import OperationalError
 from django.utils import timezone
 
-from apps.traces import services
+from apps.traces import inbox, projection, services
 from apps.traces.models import IngestBatch, Span
 
 from .helpers import accept, drain, span, start
@@ -20,14 +20,14 @@ def test_a_working_projection_keeps_renewing_its_lease_and_an_ended_one_lets_it_
     settings.TRACES_LEASE_SECONDS = 1
     key = make_key(project)[0]
     accept(project, key, [start("r1")])
-    claimed = services._claim(None, 10)
+    claimed = inbox.claim(None, 10)
     assert [b.status for b in claimed] == ["processing"]
-    with services._Heartbeat([b.pk for b in claimed]):
+    with inbox.Heartbeat([b.pk for b in claimed]):
         time.sleep(2.5)  # longer than two leases: only renewals keep it
         assert IngestBatch.objects.get().lease_expires_at > timezone.now()
-        assert services._claim(None, 10) == []  # nobody else may take it meanwhile
+        assert inbox.claim(None, 10) == []  # nobody else may take it meanwhile
     time.sleep(1.2)  # the heartbeat stopped (a killed worker's would): the lease runs out
-    assert [b.pk for b in services._claim(None, 10)] == [claimed[0].pk]
+    assert [b.pk for b in inbox.claim(None, 10)] == [claimed[0].pk]
 
 
 def test_seconds_until_leases_expire_is_what_a_starting_worker_waits(project, make_key, settings):
@@ -35,7 +35,7 @@ def test_seconds_until_leases_expire_is_what_a_starting_worker_waits(project, ma
     key = make_key(project)[0]
     assert services.seconds_until_leases_expire() is None
     accept(project, key, [start("r1")])
-    services._claim(None, 10)
+    inbox.claim(None, 10)
     assert 13 < services.seconds_until_leases_expire() <= 15
 
 
@@ -47,9 +47,9 @@ def test_a_database_fault_while_recording_a_retry_leaves_the_lease_and_raises_no
     def down(*args, **kwargs):
         raise OperationalError("the database went away")
 
-    monkeypatch.setattr(services, "_project", down)     # the projection fails for the database...
-    monkeypatch.setattr(services, "_retry_later", down)  # ...and so does recording the retry
-    assert services.inbox_project() == 1  # no exception out of the task body
+    monkeypatch.setattr(projection, "apply_batches", down)  # the projection fails for the database...
+    monkeypatch.setattr(inbox, "_retry_later", down)  # ...and so does recording the retry
+    assert services.inbox_step() == 1  # no exception out of the task body
     batch = IngestBatch.objects.get()
     assert batch.status == "processing" and batch.lease_expires_at is not None  # the sweeper's, once it expires
 

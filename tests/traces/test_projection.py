@@ -8,7 +8,7 @@ from django.db import DatabaseError, connection, transaction
 from django.test.utils import override_settings
 
 from apps.common.errors import ApiError
-from apps.traces import services
+from apps.traces import inbox, live, services
 from apps.traces.models import IngestBatch, Run, Span, SpanUpdate, ToolCall
 
 from .helpers import accept, at, drain, finish, span, start, update
@@ -85,7 +85,7 @@ def test_a_run_projects_with_tree_tool_calls_totals_and_end_user(project, key):
     assert calls[1].result == {"status": "shipped"} and calls[1].latency_ms == 1000
     assert calls[0].error == "timeout"
 
-    assert run_totals(run) == services.run_totals_rebuild(run)
+    assert run_totals(run) == services.run_totals_compute(run)
     batch = IngestBatch.objects.get()
     assert batch.status == IngestBatch.Status.DONE and batch.payload is None
 
@@ -115,7 +115,7 @@ def test_resent_spans_and_reprojected_batches_never_count_twice(project, key):
 def test_a_batch_whose_worker_died_is_projected_once_after_its_lease_expires(project, key, settings):
     settings.TRACES_LEASE_SECONDS = 0
     accept(project, key, agent_run())
-    claimed = services._claim(None, 10)  # a worker leases it ... and dies before committing anything
+    claimed = inbox.claim(None, 10)  # a worker leases it ... and dies before committing anything
     assert [b.status for b in claimed] == ["processing"]
     assert drain() == 1  # the lease (0 s) has expired: another worker takes it over
     run = Run.objects.get()
@@ -126,8 +126,8 @@ def test_a_batch_whose_worker_died_is_projected_once_after_its_lease_expires(pro
 def test_an_unexpired_lease_is_not_taken_over(project, key, settings):
     settings.TRACES_LEASE_SECONDS = 600
     accept(project, key, agent_run())
-    services._claim(None, 10)
-    assert services.inbox_project() == 0
+    inbox.claim(None, 10)
+    assert services.inbox_step() == 0
     assert Span.objects.count() == 0
 
 
@@ -161,7 +161,7 @@ def test_spans_before_their_run_and_updates_before_their_span_link_up(project, k
     assert (run.input_tokens, run.output_tokens, run.span_count) == (10, 5, 3)
     call = ToolCall.objects.get()
     assert call.result == {"rows": 3} and call.status == "ok" and call.latency_ms == 1000
-    assert run_totals(run) == services.run_totals_rebuild(run)
+    assert run_totals(run) == services.run_totals_compute(run)
 
 
 def test_a_late_update_closes_a_span_without_rewriting_it(project, key):
@@ -178,7 +178,7 @@ def test_a_late_update_closes_a_span_without_rewriting_it(project, key):
     # The same update sent again changes nothing.
     accept(project, key, [update("r1", "s1", usage={"output_tokens": 2})])
     drain()
-    assert run_totals(run) == services.run_totals_rebuild(run)
+    assert run_totals(run) == services.run_totals_compute(run)
     assert (run.output_tokens, run.error_span_count) == (2, 1)
 
 
@@ -243,7 +243,7 @@ def test_a_batch_that_keeps_failing_is_given_up_with_its_reason(project, key, se
     settings.TRACES_MAX_ATTEMPTS = 2
     accept(project, key, [start("r1")])
     for _ in range(2):
-        services._claim(None, 10)  # two workers die on it
+        inbox.claim(None, 10)  # two workers die on it
     drain()
     batch = IngestBatch.objects.get()
     assert batch.status == "dead" and batch.error_code == "gave_up" and "2 attempts" in batch.error
@@ -262,7 +262,7 @@ def test_runs_of_two_projects_never_mix(project, other_project, key, make_key):
 def test_projection_publishes_run_changes_on_channels_groups(project, key):
     layer = get_channel_layer()
     channel = async_to_sync(layer.new_channel)()
-    async_to_sync(layer.group_add)(services.project_runs_group(project.pk), channel)
+    async_to_sync(layer.group_add)(live.project_runs_group(project.pk), channel)
     accept(project, key, [start("r1", end_user="u"), span("r1", span_id="s1")])
     drain()
     message = async_to_sync(layer.receive)(channel)
@@ -283,25 +283,25 @@ def test_an_unreachable_channel_layer_never_fails_projection(project, key):
 
 
 def test_a_claim_stops_at_the_item_limit_and_a_task_drains_claim_after_claim(project, key, settings):
-    settings.TRACES_PROJECT_ITEM_LIMIT = 5
+    settings.TRACES_PROJECTION_ITEM_LIMIT = 5
     batches = [accept(project, key, [start(f"r{i}"), span(f"r{i}", span_id="s1"), span(f"r{i}", span_id="s2")])
                for i in range(4)]
     assert len(batches) == 4
     # 3 records per batch: one batch fills 3 of 5, a second would make 6, so each claim takes one ...
-    claimed = services._claim(None, 10)
+    claimed = inbox.claim(None, 10)
     assert [b.item_count for b in claimed] == [3]
     # ... but never less than one batch, however large.
-    settings.TRACES_PROJECT_ITEM_LIMIT = 1
-    assert len(services._claim(None, 10)) == 1
-    settings.TRACES_PROJECT_ITEM_LIMIT = 6
-    assert len(services._claim(None, 10)) == 2
+    settings.TRACES_PROJECTION_ITEM_LIMIT = 1
+    assert len(inbox.claim(None, 10)) == 1
+    settings.TRACES_PROJECTION_ITEM_LIMIT = 6
+    assert len(inbox.claim(None, 10)) == 2
     IngestBatch.objects.update(status="pending", lease_expires_at=None)
     # The task body goes on claiming until nothing is left (within its time budget).
-    settings.TRACES_PROJECT_ITEM_LIMIT = 3
+    settings.TRACES_PROJECTION_ITEM_LIMIT = 3
     assert services.inbox_drain(budget_seconds=60) == 4
     assert IngestBatch.objects.filter(status="done").count() == 4 and Span.objects.count() == 8
     # A spent budget still projects the first claim: a task never does nothing.
-    settings.TRACES_PROJECT_ITEM_LIMIT = 1
+    settings.TRACES_PROJECTION_ITEM_LIMIT = 1
     accept(project, key, [start("late")])
     accept(project, key, [start("later")])
     assert services.inbox_drain(budget_seconds=0) == 1

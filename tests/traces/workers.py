@@ -22,7 +22,7 @@ def worker_database_url() -> str:
 def start_worker(tmp_path: Path, name: str, *, beat: bool, queues: str = "ingest",
                  env: dict[str, str] | None = None) -> subprocess.Popen:
     full_env = {**os.environ, "DATABASE_URL": worker_database_url(), "DATA_DIR": str(tmp_path / "var"),
-                "TRACES_LEASE_SECONDS": "4", "TRACES_SWEEP_SECONDS": "1", "TRACES_PROJECT_BATCH_LIMIT": "20",
+                "TRACES_LEASE_SECONDS": "4", "TRACES_SWEEP_SECONDS": "1", "TRACES_PROJECTION_BATCH_LIMIT": "20",
                 **(env or {})}
     cmd = [sys.executable, "-m", "celery", "-A", "controlplane", "worker", "-Q", queues, "-P", "solo",
            "--without-mingle", "--without-gossip", "-n", f"{name}@%h", "-l", "INFO"]

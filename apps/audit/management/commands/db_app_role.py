@@ -1,7 +1,7 @@
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from apps.audit.db_role import AppRoleError, db_app_role_ensure
-from controlplane.env import env_str
 
 
 class Command(BaseCommand):
@@ -16,7 +16,7 @@ class Command(BaseCommand):
                                  "DATABASE_APP_PASSWORD_FILE if set, else leave it as it is)")
 
     def handle(self, *args, **options):
-        password = options["password"] or env_str("DATABASE_APP_PASSWORD") or None
+        password = options["password"] or settings.DATABASE_APP_PASSWORD or None
         try:
             result = db_app_role_ensure(role=options["role"], password=password)
         except AppRoleError as exc:

@@ -1,9 +1,8 @@
 import secrets
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
-
-from controlplane.env import env_str
 
 
 class Command(BaseCommand):
@@ -14,12 +13,12 @@ class Command(BaseCommand):
         User = get_user_model()
         if User.objects.filter(is_superuser=True).exists():
             return
-        username = env_str("ADMIN_USERNAME", "admin")
-        password = env_str("ADMIN_PASSWORD")
+        username = settings.ADMIN_USERNAME
+        password = settings.ADMIN_PASSWORD
         generated = not password
         if generated:
             password = secrets.token_urlsafe(15)
-        User.objects.create_superuser(username=username, email=env_str("ADMIN_EMAIL", ""), password=password)
+        User.objects.create_superuser(username=username, email=settings.ADMIN_EMAIL, password=password)
         if generated:
             self.stdout.write(self.style.WARNING(
                 f"\n  First admin account created.\n    username: {username}\n    password: {password}\n"

@@ -282,7 +282,7 @@ class Command(BaseCommand):
         if url:
             self._wait_for_server(project)
         else:
-            while services.inbox_project():
+            while services.inbox_step():
                 pass
         dead = IngestBatch.objects.filter(status=IngestBatch.Status.DEAD, project__slug=project).count()
         if dead:

@@ -5,7 +5,11 @@ worker (solo pool) and Celery beat run on threads of the same process: the broke
 (Kombu's SQLAlchemy transport) and the channel layer is in-memory, which only reaches consumers of
 the process that publishes; running everything in one process is what makes tasks' broadcasts reach
 the browser. With Redis configured, run ``make web``, ``make worker`` and ``make beat`` instead.
-Embedded mode also serves OTLP/gRPC on OTLP_GRPC_PORT (4317). Ctrl-C (SIGINT) or SIGTERM stops Daphne, then the worker and beat, then the process.
+Embedded mode also serves OTLP/gRPC on OTLP_GRPC_PORT (4317). Ctrl-C (SIGINT) or SIGTERM stops Daphne,
+then the worker and beat, then the process.
+
+This is the composition root: it wires the ASGI application, the Celery app and ingest's gRPC server
+together, so it lives in ``controlplane`` (above every app), not in an app (STYLE.md §1, §10).
 """
 from __future__ import annotations
 

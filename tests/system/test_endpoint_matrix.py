@@ -1,0 +1,501 @@
+"""The endpoint matrix: every endpoint and every admin says who may use it, and is held to it.
+
+``MATRIX`` has one entry per endpoint (URL pattern + HTTP method its view implements) of the whole
+URLconf but the admin; ``ADMIN_MATRIX`` one per registered ModelAdmin. A new view or admin without
+an entry fails ``test_every_endpoint_has_an_entry`` / ``test_every_admin_has_an_entry``: say what it
+requires, and the checks below run real requests against it (anonymous, an outsider, an auditor,
+another project's key, a key without the scope, ...). The rules themselves live in
+``apps.projects.access`` (one authorization path); this file is the one place that checks them all.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from django.contrib import admin
+from django.contrib.auth.models import Permission
+from django.contrib.contenttypes.models import ContentType
+from django.test import Client
+from django.urls import URLPattern, URLResolver, get_resolver, reverse
+from rest_framework.test import APIClient
+
+from apps.audit.models import AuditEvent
+from apps.projects.admin import ScopedAdminMixin
+from apps.traces.models import DeadRecord, IngestBatch
+from tests.ingest import builders as otlp_builders
+from tests.traces.helpers import at, drain
+
+pytestmark = pytest.mark.django_db
+
+ALL_SCOPES = ("ingest", "read", "budget", "approvals", "queue")
+PROTOBUF = "application/x-protobuf"
+
+# --- what an endpoint requires ---------------------------------------------------------------------
+
+PUBLIC = "public"                # anyone, no credentials
+AUTHENTICATED = "authenticated"  # any person or key, whatever their projects and scopes
+READ = "read"                    # one project's object: keys need `scope` (their own project only), people a role
+LIST = "list"                    # rows of every visible project: keys need `scope`; others' rows never listed
+PERSON_READ = "person read"      # one project's object, people with a role only (keys: 403 person_only)
+PERSON_WRITE = "person write"    # people holding project permission `perm` (keys: person_only; others: 403/404)
+PERSON_CREATE = "person create"  # people holding model permission `perm` (keys need `scope`, then person_only)
+KEY_WRITE = "key write"          # API keys with `scope`; the key decides the project (people: `person`)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    requires: str
+    path: str                     # the request path; {slug}, {key_id}, {run_id}, {span_id}, {session_id}: acme's
+    scope: str | None = None
+    perm: str | None = None
+    body: Any = None              # JSON; bytes are sent as OTLP protobuf
+    person: tuple[int, str] = (403, "api_key_required")  # KEY_WRITE: what a person is answered
+    marker: str = "acme"          # LIST: a string only acme's rows show
+
+
+def _otlp_traces() -> bytes:
+    return otlp_builders.request(otlp_builders.span(otlp_builders.trace_id(), name="matrix")).SerializeToString()
+
+
+def _otlp_logs() -> bytes:
+    return otlp_builders.logs_request({"event_name": "matrix", "body": "hello", "trace_id": otlp_builders.trace_id(),
+                                       "span_id": otlp_builders.span_id()}).SerializeToString()
+
+
+RUN = "api/v1/runs/<str:run_id>"
+PROJECT = "api/v1/projects/<slug:slug>"
+
+# (METHOD, URL pattern) -> what it requires. "*": a function view answering every method alike.
+MATRIX: dict[tuple[str, str], Endpoint] = {
+    ("*", "healthz"): Endpoint(PUBLIC, "healthz"),
+    ("GET", "api/schema/"): Endpoint(PUBLIC, "api/schema/"),
+    ("GET", "api/docs/"): Endpoint(PUBLIC, "api/docs/"),
+    ("GET", "api/v1/me"): Endpoint(AUTHENTICATED, "api/v1/me"),
+    # projects, members, keys
+    ("GET", "api/v1/projects"): Endpoint(LIST, "api/v1/projects", scope="read", marker='"acme"'),
+    ("POST", "api/v1/projects"): Endpoint(PERSON_CREATE, "api/v1/projects", scope="read", perm="projects.add_project",
+                                          body={"slug": "initech", "name": "Initech"}),
+    ("GET", PROJECT): Endpoint(READ, "api/v1/projects/{slug}", scope="read"),
+    ("PATCH", PROJECT): Endpoint(PERSON_WRITE, "api/v1/projects/{slug}", perm="change_project",
+                                 body={"name": "Acme renamed"}),
+    ("GET", f"{PROJECT}/members"): Endpoint(PERSON_READ, "api/v1/projects/{slug}/members"),
+    ("POST", f"{PROJECT}/members"): Endpoint(PERSON_WRITE, "api/v1/projects/{slug}/members", perm="manage_project",
+                                             body={"username": "charlie", "role": "approver"}),
+    ("DELETE", f"{PROJECT}/members/<str:username>/<str:role>"): Endpoint(
+        PERSON_WRITE, "api/v1/projects/{slug}/members/bob/auditor", perm="manage_project"),
+    ("GET", f"{PROJECT}/keys"): Endpoint(PERSON_READ, "api/v1/projects/{slug}/keys"),
+    ("POST", f"{PROJECT}/keys"): Endpoint(PERSON_WRITE, "api/v1/projects/{slug}/keys", perm="manage_project",
+                                          body={"name": "new", "scopes": ["read"]}),
+    ("POST", f"{PROJECT}/keys/<int:key_id>/revoke"): Endpoint(
+        PERSON_WRITE, "api/v1/projects/{slug}/keys/{key_id}/revoke", perm="manage_project"),
+    # the run log
+    ("GET", "api/v1/runs"): Endpoint(LIST, "api/v1/runs", scope="read", marker="{run_id}"),
+    ("POST", "api/v1/runs"): Endpoint(KEY_WRITE, "api/v1/runs", scope="ingest",
+                                      body={"run_id": "written", "started_at": at(0)}),
+    ("GET", RUN): Endpoint(READ, "api/v1/runs/{run_id}", scope="read"),
+    ("POST", f"{RUN}/spans"): Endpoint(KEY_WRITE, "api/v1/runs/{run_id}/spans", scope="ingest",
+                                       body={"span_id": "written", "kind": "llm", "start_time": at(1)}),
+    ("PATCH", f"{RUN}/spans/<str:span_id>"): Endpoint(KEY_WRITE, "api/v1/runs/{run_id}/spans/{span_id}",
+                                                      scope="ingest", body={"status": "ok", "end_time": at(2)}),
+    ("POST", f"{RUN}/finish"): Endpoint(KEY_WRITE, "api/v1/runs/{run_id}/finish", scope="ingest",
+                                        body={"status": "completed"}),
+    ("GET", "api/v1/sessions/<str:session_id>/runs"): Endpoint(LIST, "api/v1/sessions/{session_id}/runs",
+                                                               scope="read", marker="{run_id}"),
+    # OTLP/HTTP: keys only (a person's session is not read there: 401)
+    ("POST", "v1/traces"): Endpoint(KEY_WRITE, "v1/traces", scope="ingest", body=_otlp_traces(),
+                                    person=(401, "not_authenticated")),
+    ("POST", "v1/logs"): Endpoint(KEY_WRITE, "v1/logs", scope="ingest", body=_otlp_logs(),
+                                  person=(401, "not_authenticated")),
+}
+
+
+# --- walking the URLconf -----------------------------------------------------------------------------
+
+PROBED = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _patterns(patterns, prefix: str = ""):
+    for p in patterns:
+        if isinstance(p, URLResolver):
+            if p.app_name == "admin":
+                continue  # the admin: ADMIN_MATRIX
+            yield from _patterns(p.url_patterns, prefix + str(p.pattern))
+        elif isinstance(p, URLPattern):
+            yield prefix + str(p.pattern), p.callback
+
+
+def _view_class(callback):
+    return getattr(callback, "cls", None) or getattr(callback, "view_class", None)
+
+
+def _class_methods(cls) -> set[str]:
+    return {m.upper() for m in cls.http_method_names if m not in ("head", "options") and hasattr(cls, m)}
+
+
+def _function_view_methods(route: str) -> set[str]:
+    """A function view's methods, found by asking: any answer but 405 means it implements the method."""
+    path = "/" + route
+    if "<" in path:
+        raise AssertionError(f"{route}: a function view with path parameters; give it a view class")
+    answers = {m: Client().generic(m, path).status_code for m in PROBED}
+    implemented = {m for m, status in answers.items() if status != 405}
+    return {"*"} if implemented == set(PROBED) else implemented
+
+
+def endpoints() -> set[tuple[str, str]]:
+    found = set()
+    for route, callback in _patterns(get_resolver().url_patterns):
+        cls = _view_class(callback)
+        methods = _class_methods(cls) if cls is not None else _function_view_methods(route)
+        found |= {(m, route) for m in methods}
+    return found
+
+
+def test_every_endpoint_has_an_entry():
+    found = endpoints()
+    missing = sorted(found - MATRIX.keys())
+    stale = sorted(MATRIX.keys() - found)
+    assert not missing, ("endpoints without an entry in MATRIX (say what each requires): "
+                         + ", ".join(f"{m} /{r}" for m, r in missing))
+    assert not stale, "MATRIX entries for endpoints that no longer exist: " + ", ".join(f"{m} /{r}" for m, r in stale)
+
+
+# --- the people, keys and rows the checks use ------------------------------------------------------
+
+
+@pytest.fixture
+def world(project, other_project, alice, bob, charlie, make_key, key_client, client_for, django_user_model):
+    """acme (alice admin, bob auditor) and globex, each with a run, a span and a session; charlie is an
+    outsider; keys are minted per check."""
+    acme_key, acme_raw = make_key(project, scopes=ALL_SCOPES, name="acme-all")
+    _, globex_raw = make_key(other_project, scopes=ALL_SCOPES, name="globex-all")
+    for raw, name in ((acme_raw, "acme"), (globex_raw, "globex")):
+        agent = key_client(raw)
+        run = f"{name}-run-1"
+        assert agent.post("/api/v1/runs", {"run_id": run, "session_id": f"{name}-session", "started_at": at(0)},
+                          format="json").status_code == 202
+        assert agent.post(f"/api/v1/runs/{run}/spans", [
+            {"span_id": f"{name}-span-1", "kind": "llm", "start_time": at(1)},
+            {"span_id": f"{name}-tool-1", "kind": "tool", "tool": {"name": f"{name}-lookup"}, "start_time": at(2),
+             "end_time": at(3), "status": "ok"}], format="json").status_code == 202
+    drain()
+
+    def key(scopes, proj=None) -> APIClient:
+        return key_client(make_key(proj or project, scopes=list(scopes), name="probe")[1])
+
+    return SimpleNamespace(
+        acme=project, globex=other_project, alice=alice, bob=bob, charlie=charlie, key=key,
+        person=client_for, anonymous=APIClient(),
+        root=django_user_model.objects.create_superuser("root", password="pw-root"),
+        values={"slug": "acme", "key_id": acme_key.pk, "run_id": "acme-run-1", "span_id": "acme-span-1",
+                "session_id": "acme-session"})
+
+
+def _call(client, method: str, e: Endpoint, world):
+    path = "/" + e.path.format(**world.values)
+    method = "GET" if method == "*" else method
+    if isinstance(e.body, bytes):
+        return client.generic(method, path, e.body, content_type=PROTOBUF)
+    if e.body is None:
+        return client.generic(method, path)
+    return client.generic(method, path, json.dumps(e.body), content_type="application/json")
+
+
+def _code(resp) -> str | None:
+    if resp.get("X-Error-Code"):
+        return resp["X-Error-Code"]
+    try:
+        return resp.json().get("error_code")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _refused(resp, status: int, code: str | None = None):
+    assert resp.status_code == status, (resp.status_code, resp.content[:300])
+    if code is not None:
+        assert _code(resp) == code, resp.content[:300]
+
+
+def _batches(project) -> int:
+    return IngestBatch.objects.filter(project=project).count()
+
+
+# --- the checks, per requirement -------------------------------------------------------------------
+
+
+def no_credentials_401(e, m, w):
+    _refused(_call(w.anonymous, m, e, w), 401, "not_authenticated")
+
+
+def anyone_is_answered(e, m, w):
+    resp = _call(w.anonymous, m, e, w)
+    assert resp.status_code < 400, resp.status_code
+
+
+def a_person_without_roles_is_answered(e, m, w):
+    assert _call(w.person(w.charlie), m, e, w).status_code == 200
+
+
+def a_key_without_read_is_answered(e, m, w):
+    assert _call(w.key(["budget"]), m, e, w).status_code == 200
+
+
+def an_outsider_gets_404(e, m, w):
+    audit = AuditEvent.objects.count()
+    _refused(_call(w.person(w.charlie), m, e, w), 404, "not_found")
+    assert AuditEvent.objects.count() == audit
+
+
+def another_projects_key_gets_404(e, m, w):
+    _refused(_call(w.key(ALL_SCOPES, w.globex), m, e, w), 404, "not_found")
+
+
+def a_key_without_the_scope_gets_403_missing_scope(e, m, w):
+    _refused(_call(w.key([s for s in ALL_SCOPES if s != e.scope]), m, e, w), 403, "missing_scope")
+
+
+def an_auditor_reads(e, m, w):
+    assert _call(w.person(w.bob), m, e, w).status_code == 200
+
+
+def a_key_with_the_scope_reads(e, m, w):
+    assert _call(w.key([e.scope]), m, e, w).status_code == 200
+
+
+def _listed(resp, e, w) -> bool:
+    assert resp.status_code == 200, resp.content[:300]
+    return e.marker.format(**w.values) in resp.content.decode()
+
+
+def an_outsider_sees_none_of_its_rows(e, m, w):
+    assert not _listed(_call(w.person(w.charlie), m, e, w), e, w)
+
+
+def another_projects_key_sees_none_of_its_rows(e, m, w):
+    assert not _listed(_call(w.key(ALL_SCOPES, w.globex), m, e, w), e, w)
+
+
+def an_auditor_sees_its_rows(e, m, w):
+    assert _listed(_call(w.person(w.bob), m, e, w), e, w)
+
+
+def a_key_with_the_scope_sees_its_rows(e, m, w):
+    assert _listed(_call(w.key([e.scope]), m, e, w), e, w)
+
+
+def a_key_gets_403_person_only(e, m, w):
+    _refused(_call(w.key(ALL_SCOPES), m, e, w), 403, "person_only")
+
+
+def another_projects_key_is_refused_alike(e, m, w):
+    """403 person_only (a person-only view) or 404 (the project is looked up first): either way the
+    same answer whether the project exists or not, and nothing changes."""
+    client = w.key(ALL_SCOPES, w.globex)
+    audit = AuditEvent.objects.count()
+    resp = _call(client, m, e, w)
+    assert (resp.status_code, _code(resp)) in ((403, "person_only"), (404, "not_found")), resp.content[:300]
+    elsewhere = _call(client, m, Endpoint(e.requires, e.path.replace("{slug}", "no-such-project"), body=e.body), w)
+    assert (elsewhere.status_code, _code(elsewhere)) == (resp.status_code, _code(resp))
+    assert AuditEvent.objects.count() == audit
+
+
+def a_read_only_role_gets_403_permission_denied(e, m, w):
+    audit = AuditEvent.objects.count()
+    _refused(_call(w.person(w.bob), m, e, w), 403, "permission_denied")
+    assert AuditEvent.objects.count() == audit
+
+
+def a_person_with_the_permission_may(e, m, w):
+    holder = w.alice if e.requires == PERSON_WRITE else w.root
+    resp = _call(w.person(holder), m, e, w)
+    assert 200 <= resp.status_code < 300, (resp.status_code, resp.content[:300])
+
+
+def a_person_without_the_permission_gets_403_permission_denied(e, m, w):
+    for person in (w.charlie, w.bob):
+        _refused(_call(w.person(person), m, e, w), 403, "permission_denied")
+
+
+def a_person_is_refused(e, m, w):
+    before = _batches(w.acme)
+    _refused(_call(w.person(w.alice), m, e, w), *e.person)
+    assert _batches(w.acme) == before
+
+
+def a_key_without_the_scope_writes_nothing(e, m, w):
+    before = _batches(w.acme)
+    a_key_without_the_scope_gets_403_missing_scope(e, m, w)
+    assert _batches(w.acme) == before
+
+
+def another_projects_key_writes_into_its_own_project(e, m, w):
+    ours, theirs = _batches(w.acme), _batches(w.globex)
+    resp = _call(w.key(ALL_SCOPES, w.globex), m, e, w)
+    assert 200 <= resp.status_code < 300, (resp.status_code, resp.content[:300])
+    assert _batches(w.acme) == ours and _batches(w.globex) == theirs + 1
+
+
+def a_key_with_the_scope_writes_into_its_project(e, m, w):
+    ours = _batches(w.acme)
+    resp = _call(w.key([e.scope]), m, e, w)
+    assert 200 <= resp.status_code < 300, (resp.status_code, resp.content[:300])
+    assert _batches(w.acme) == ours + 1
+
+
+CHECKS = {
+    PUBLIC: [anyone_is_answered],
+    AUTHENTICATED: [no_credentials_401, a_person_without_roles_is_answered, a_key_without_read_is_answered],
+    READ: [no_credentials_401, an_outsider_gets_404, another_projects_key_gets_404,
+           a_key_without_the_scope_gets_403_missing_scope, an_auditor_reads, a_key_with_the_scope_reads],
+    LIST: [no_credentials_401, an_outsider_sees_none_of_its_rows, another_projects_key_sees_none_of_its_rows,
+           a_key_without_the_scope_gets_403_missing_scope, an_auditor_sees_its_rows, a_key_with_the_scope_sees_its_rows],
+    PERSON_READ: [no_credentials_401, a_key_gets_403_person_only, another_projects_key_is_refused_alike,
+                  an_outsider_gets_404, an_auditor_reads],
+    PERSON_WRITE: [no_credentials_401, a_key_gets_403_person_only, another_projects_key_is_refused_alike,
+                   an_outsider_gets_404, a_read_only_role_gets_403_permission_denied, a_person_with_the_permission_may],
+    PERSON_CREATE: [no_credentials_401, a_key_gets_403_person_only, a_key_without_the_scope_gets_403_missing_scope,
+                    a_person_without_the_permission_gets_403_permission_denied, a_person_with_the_permission_may],
+    KEY_WRITE: [no_credentials_401, a_person_is_refused, a_key_without_the_scope_writes_nothing,
+                another_projects_key_writes_into_its_own_project, a_key_with_the_scope_writes_into_its_project],
+}
+
+CASES = [pytest.param(key, check, id=f"{key[0]} /{key[1]}: {check.__name__}")
+         for key, entry in MATRIX.items() for check in CHECKS[entry.requires]]
+
+
+@pytest.mark.parametrize(("endpoint", "check"), CASES)
+def test_the_endpoint_requires_what_its_entry_says(world, endpoint, check):
+    method, _ = endpoint
+    check(MATRIX[endpoint], method, world)
+
+
+# --- the admin -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdminEntry:
+    scoped: bool                  # rows belong to projects: staff see only their projects' rows
+    project_attr: str = "project_id"  # how a row names its project
+    read_only: bool = False       # nobody adds, changes or deletes (superusers included)
+    view_by_role: bool = False    # holding a role is enough to view (no model permission needed)
+    note: str = ""
+
+
+RUN_LOG = AdminEntry(scoped=True, read_only=True, view_by_role=True)
+ADMIN_MATRIX: dict[str, AdminEntry] = {
+    "auth.User": AdminEntry(scoped=False, note="people: superusers and Django's model permissions"),
+    "auth.Group": AdminEntry(scoped=False, note="role groups: superusers only (their names tell every project)"),
+    "projects.Project": AdminEntry(scoped=True, project_attr="pk"),
+    "projects.ApiKey": AdminEntry(scoped=True),
+    "audit.AuditEvent": AdminEntry(scoped=True, read_only=True),
+    "traces.Run": RUN_LOG,
+    "traces.Span": RUN_LOG,
+    "traces.ToolCall": RUN_LOG,
+    "traces.IngestBatch": RUN_LOG,
+    "traces.DeadRecord": RUN_LOG,
+}
+
+
+def test_every_admin_has_an_entry():
+    registered = {model._meta.label: model_admin for model, model_admin in admin.site._registry.items()}
+    missing = sorted(registered.keys() - ADMIN_MATRIX.keys())
+    stale = sorted(ADMIN_MATRIX.keys() - registered.keys())
+    assert not missing, "admins without an entry in ADMIN_MATRIX (say what each shows to whom): " + ", ".join(missing)
+    assert not stale, "ADMIN_MATRIX entries for admins no longer registered: " + ", ".join(stale)
+    unscoped = sorted(label for label, entry in ADMIN_MATRIX.items()
+                      if entry.scoped and not isinstance(registered[label], ScopedAdminMixin))
+    assert not unscoped, "project-owned admins not built on ScopedAdminMixin: " + ", ".join(unscoped)
+
+
+@pytest.fixture
+def admin_world(world):
+    """``world`` plus a dead record in each project (the other admins' rows come with the runs)."""
+    for p in (world.acme, world.globex):
+        batch = IngestBatch.objects.filter(project=p).first()
+        DeadRecord.objects.create(project=p, batch_public_id=batch.public_id, batch_pk=batch.pk, source="rest",
+                                  position=0, op="span", run_ref=f"{p.slug}-run-1", raw=b"{}",
+                                  error_code="invalid_record", error="matrix")
+    return world
+
+
+def _model(label: str):
+    return next(m for m in admin.site._registry if m._meta.label == label)
+
+
+def _url(model, view: str, *args) -> str:
+    return reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_{view}", args=args)
+
+
+def _staff(user, model, *, view_perm: bool):
+    user.is_staff = True
+    user.save()
+    if view_perm:
+        user.user_permissions.add(Permission.objects.get(
+            content_type=ContentType.objects.get_for_model(model), codename=f"view_{model._meta.model_name}"))
+    c = Client()
+    c.force_login(user)
+    return c
+
+
+def _changelist_projects(client, model, entry) -> set:
+    resp = client.get(_url(model, "changelist"))
+    assert resp.status_code == 200, resp.status_code
+    return set(resp.context["cl"].queryset.values_list(entry.project_attr, flat=True))
+
+
+def admin_an_outsider_staff_sees_no_row(label, entry, w):
+    model = _model(label)
+    assert _changelist_projects(_staff(w.charlie, model, view_perm=True), model, entry) == set()
+
+
+def admin_an_outsider_staff_without_permissions_is_refused(label, entry, w):
+    model = _model(label)
+    assert _staff(w.charlie, model, view_perm=False).get(_url(model, "changelist")).status_code == 403
+
+
+def admin_an_auditor_sees_only_their_projects_rows(label, entry, w):
+    model = _model(label)
+    client = _staff(w.bob, model, view_perm=not entry.view_by_role)
+    assert _changelist_projects(client, model, entry) == {w.acme.pk}
+    theirs = model._default_manager.filter(**{entry.project_attr: w.globex.pk}).first()
+    assert theirs is not None
+    assert client.get(_url(model, "change", theirs.pk)).status_code in (302, 404)
+
+
+def admin_a_role_alone_gives_no_view(label, entry, w):
+    model = _model(label)
+    assert _staff(w.bob, model, view_perm=False).get(_url(model, "changelist")).status_code == 403
+
+
+def admin_nobody_adds_changes_or_deletes(label, entry, w):
+    model = _model(label)
+    client = Client()
+    client.force_login(w.root)
+    ours = model._default_manager.filter(**{entry.project_attr: w.acme.pk}).first()
+    assert client.get(_url(model, "add")).status_code == 403
+    assert client.post(_url(model, "change", ours.pk), {}).status_code == 403
+    assert client.post(_url(model, "delete", ours.pk), {"post": "yes"}).status_code == 403
+    assert model._default_manager.filter(pk=ours.pk).exists()
+
+
+def _admin_checks(entry: AdminEntry) -> list:
+    if not entry.scoped:
+        return [admin_an_outsider_staff_without_permissions_is_refused]
+    checks = [admin_an_outsider_staff_sees_no_row, admin_an_auditor_sees_only_their_projects_rows]
+    checks.append(admin_an_outsider_staff_without_permissions_is_refused if entry.view_by_role
+                  else admin_a_role_alone_gives_no_view)
+    if entry.read_only:
+        checks.append(admin_nobody_adds_changes_or_deletes)
+    return checks
+
+
+ADMIN_CASES = [pytest.param(label, check, id=f"admin {label}: {check.__name__.removeprefix('admin_')}")
+               for label, entry in ADMIN_MATRIX.items() for check in _admin_checks(entry)]
+
+
+@pytest.mark.parametrize(("label", "check"), ADMIN_CASES)
+def test_the_admin_shows_what_its_entry_says(admin_world, label, check):
+    check(label, ADMIN_MATRIX[label], admin_world)
