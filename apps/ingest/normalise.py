@@ -32,7 +32,15 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from apps.traces.records import MAX_CHARS, MAX_DEPTH, MAX_FIELD_BYTES, MAX_TOKENS, STRICT_JSON, json_problem
+from apps.traces.records import (
+    ID_RE,
+    MAX_CHARS,
+    MAX_DEPTH,
+    MAX_FIELD_BYTES,
+    MAX_TOKENS,
+    STRICT_JSON,
+    json_problem,
+)
 
 # OTel status codes
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
@@ -172,6 +180,29 @@ def _bounded(value: Any) -> Any:
 
 def _as_is(value: Any) -> Any:
     return value
+
+
+def _encoded_len(value: Any) -> int:
+    return len(json.dumps(value, ensure_ascii=False, default=str).encode())
+
+
+def _bounded_events(events: list) -> list:
+    """Events under the per-field limit, still a list: each attribute value bounded, then as many
+    events as fit, and a last one, ``controlplane.events_truncated``, telling how many were left out."""
+    events = [{**e, "attributes": {k: _bounded(v) for k, v in e["attributes"].items()}} if e.get("attributes")
+              else e for e in events]
+    if _encoded_len(events) <= MAX_FIELD_CHARS:
+        return events
+    kept: list = []
+    used = 2 + 200  # the brackets, and room for the marker event
+    for event in events:
+        size = _encoded_len(event) + 1
+        if used + size > MAX_FIELD_CHARS:
+            break
+        kept.append(event)
+        used += size
+    kept.append({"name": "controlplane.events_truncated", "attributes": {"dropped": len(events) - len(kept)}})
+    return kept
 
 
 def _set_path(root: dict, parts: list[str], value: Any) -> None:
@@ -410,7 +441,7 @@ def normalise_span(view: dict) -> tuple[dict, dict]:
     graph = {k[len("graph.node."):]: v for k, v in attrs.items() if k.startswith("graph.node.")}
     if graph:
         used.update("graph.node." + k for k in graph)
-        details["graph_node"] = graph
+        details["graph_node"] = bounded(graph)
     if evals:
         details["evaluations"] = evals
     if view.get("links"):
@@ -437,11 +468,11 @@ def normalise_span(view: dict) -> tuple[dict, dict]:
     metadata: dict[str, Any] = {}
     if attrs.get("metadata") is not None:
         used.add("metadata")
-        meta = json_or_text(attrs["metadata"])
+        meta = bounded(json_or_text(attrs["metadata"]))
         metadata.update(meta if isinstance(meta, dict) else {"metadata": meta})
     if attrs.get("tag.tags") is not None:
         used.add("tag.tags")
-        metadata["tags"] = attrs["tag.tags"]
+        metadata["tags"] = bounded(attrs["tag.tags"])
     if attrs.get("gen_ai.agent.id"):
         used.add("gen_ai.agent.id")
         metadata["agent_id"] = attrs["gen_ai.agent.id"]
@@ -455,15 +486,15 @@ def normalise_span(view: dict) -> tuple[dict, dict]:
     # Explicit recovery links (hex span ids of the failed attempt).
     for key, field_name in (("controlplane.retry_of", "retry_of"), ("controlplane.fallback_of", "fallback_of")):
         value = attrs.get(key)
-        if isinstance(value, str) and value:
-            used.add(key)
+        if isinstance(value, str) and ID_RE.fullmatch(value[:MAX_CHARS["span_id"]]):
+            used.add(key)  # one that is no span id stays an attribute
             span[field_name] = value[:MAX_CHARS["span_id"]]
 
     rest = {k: v for k, v in attrs.items() if k not in used}
     if rest:
         span["attributes"] = {k: bounded(v) for k, v in rest.items()}
     if events:
-        span["events"] = bounded(events) if len(events) > 50 else events
+        span["events"] = events if bounded is _as_is else _bounded_events(events)
     return span, hints
 
 
@@ -525,7 +556,7 @@ def trace_records(views: list[dict], *, resource_metadata: bool = True) -> list[
                 fill.setdefault("metadata", {}).update(hints["metadata"])
         resource = items[0][0].get("resource") or {}
         if resource_metadata and resource:
-            fill.setdefault("metadata", {})["resource"] = resource
+            fill.setdefault("metadata", {})["resource"] = _bounded(resource)
         if not fill.get("agent_name") and resource.get("service.name") and root is None:
             fill["agent_name"] = _str(resource["service.name"], MAX_CHARS["agent_name"])
         if fill:

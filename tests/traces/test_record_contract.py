@@ -177,18 +177,18 @@ def test_the_normaliser_cuts_text_at_the_contracts_limits():
 BIG = "x" * (records.MAX_FIELD_BYTES + 1)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the normaliser cuts messages, tool values and attribute values "
-                                       "to the limit, not these (stored as they came today)")
 @pytest.mark.parametrize(("parts", "resource"), [
     ({"attributes": {"metadata": BIG}}, None),
     ({"attributes": {"tag.tags": BIG}}, None),
     ({"attributes": {"graph.node.x": BIG}}, None),
     ({"events": [("e", 1, {"body": BIG})]}, None),
-    ({"events": [("e", 1, {"body": "y" * 20_000})] * 60}, None),  # > 50 events: cut into a string
+    ({"events": [("e", 1, {"body": "y" * 20_000})] * 60}, None),  # 1.2 MB of events together
     ({"attributes": {"controlplane.retry_of": "not an id"}}, None),
     ({}, {"service.name": "svc", "big": BIG}),
 ], ids=["metadata", "tags", "graph-node", "event-attribute", "many-events", "retry-of", "resource"])
-def test_otlp_edges_the_normaliser_does_not_yet_bring_within_the_contract(parts, resource):
+def test_otlp_edges_are_brought_within_the_contract_by_the_normaliser(parts, resource):
+    """Oversized values are cut visibly (a marked string; events beyond the limit counted in a last
+    event), and a recovery link that is no span id stays an attribute."""
     req = request(span(trace_id(), span_id(), name="root", **parts), resource=resource)
     for rec in trace_records(otlp.span_views(otlp.parse_traces(req.SerializeToString(), otlp.PROTOBUF))):
         validate_record(rec)
@@ -303,3 +303,22 @@ def test_a_redacted_record_still_passes_the_validation(producer):
     redactor = Redactor([{"name": "EMPLOYEE_ID", "pattern": r"EMP-\d{6}"}])
     for rec in PRODUCERS[producer]():
         validate_record(records.redact(rec, redactor))
+
+
+def _otlp_span_record(**parts) -> dict:
+    req = request(span(trace_id(), span_id(), name="root", **parts))
+    recs = trace_records(otlp.span_views(otlp.parse_traces(req.SerializeToString(), otlp.PROTOBUF)))
+    return next(r["span"] for r in recs if r["op"] == "span")
+
+
+def test_events_past_the_limit_are_counted_not_dropped_silently():
+    stored = _otlp_span_record(events=[("e", 1, {"body": "y" * 20_000})] * 60)
+    assert isinstance(stored["events"], list) and 0 < len(stored["events"]) < 61
+    marker = stored["events"][-1]
+    assert marker["name"] == "controlplane.events_truncated"
+    assert marker["attributes"]["dropped"] == 61 - len(stored["events"])
+
+
+def test_a_recovery_link_that_is_no_span_id_stays_an_attribute():
+    stored = _otlp_span_record(attributes={"controlplane.retry_of": "not an id"})
+    assert "retry_of" not in stored and stored["attributes"]["controlplane.retry_of"] == "not an id"
