@@ -17,9 +17,8 @@ from rest_framework.exceptions import AuthenticationFailed
 from apps.common.errors import ErrorCode
 from apps.projects.models import ApiKey
 from apps.projects.services import api_key_authenticate
-from apps.traces import admission
-from apps.traces.admission import Refusal, backlog  # noqa: F401 - the doors' refusal, and tests reset backlog
-from apps.traces.services import batch_accept
+from apps.traces import services as traces
+from apps.traces.services import Refusal
 
 from . import otlp
 
@@ -48,9 +47,9 @@ def authenticate(raw_key: str | None) -> ApiKey:
 
 def admit(raw_key: str | None) -> ApiKey:
     """The key, once it is valid, may ingest and the run log admits it (the same rate limit and backlog
-    watermarks as the REST writes: ``traces.admission``)."""
+    watermarks as the REST writes)."""
     key = authenticate(raw_key)
-    admission.admit(key)
+    traces.admit(key)
     return key
 
 
@@ -103,7 +102,7 @@ def _accept(key: ApiKey, body: bytes, content_type: str, *, parse, count, kind: 
     message = f"{_plural(rejected, noun)} rejected; the first: {first}" if rejected else ""
     if accepted:
         raw = body if content_type == otlp.PROTOBUF else request.SerializeToString()
-        batch_accept(project=key.project, api_key=key, source=source, kind=kind, raw=raw,
+        traces.batch_accept(project=key.project, api_key=key, source=source, kind=kind, raw=raw,
                      item_count=accepted, response={"accepted": accepted, "rejected": rejected})
     return rejected, message
 

@@ -6,14 +6,16 @@
 * ``live``: what is broadcast and signalled once a projection commits;
 * ``housekeeping``: lost runs, retention, statistics.
 
-Other apps use this module, ``selectors`` and ``signals`` only; the modules above are the run log's
-own. Everything here is re-exported or defined once.
+Other apps use this module, ``selectors``, ``signals`` and the record contract (``records``) only; the
+modules above, ``admission`` (rate limit and backlog at every door) and the models other than Run, Span
+and ToolCall are the run log's own. Everything here is re-exported or defined once.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from . import projection, spans
+from .admission import Refusal, admit  # noqa: F401 - every door admits a key the same way
 from .inbox import (  # noqa: F401 - the public write surface
     batch_accept,
     batch_reproject,

@@ -108,3 +108,31 @@ def test_only_the_run_log_touches_its_internal_models():
                 if any(alias.name == "apps.traces.models" for alias in node.names):
                     offenders.append(_relative(path, node))
     assert offenders == []
+
+
+# What other apps may import of the run log: its public surface (CONTRIBUTING.md, "Where code goes").
+TRACES_PUBLIC_MODULES = {"apps.traces.services", "apps.traces.selectors", "apps.traces.signals",
+                         "apps.traces.records", "apps.traces.models"}
+
+
+def test_other_apps_use_only_the_run_logs_public_surface():
+    """Not its inbox, projection, admission or live internals: a higher app that reached into them
+    would break the day they change, and skip what the public functions guarantee."""
+    offenders = []
+    for path in _python_files("apps", "controlplane"):
+        if path.is_relative_to(ROOT / "apps" / "traces"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module == "apps.traces":
+                    modules = {f"apps.traces.{alias.name}" for alias in node.names}
+                elif node.module.startswith("apps.traces."):
+                    modules = {node.module}
+                else:
+                    continue
+            elif isinstance(node, ast.Import):
+                modules = {alias.name for alias in node.names if alias.name.startswith("apps.traces.")}
+            else:
+                continue
+            offenders += [f"{_relative(path, node)} {m}" for m in sorted(modules - TRACES_PUBLIC_MODULES)]
+    assert offenders == []
