@@ -118,3 +118,22 @@ def test_role_groups_are_for_superusers_only(project, other_project, client, ali
     c = _staff_with(alice, client, "view_group", "change_group")
     assert c.get("/admin/auth/group/").status_code == 403
     assert "globex" not in c.get("/admin/").content.decode()
+
+
+def test_role_checks_in_the_admin_ask_no_query_per_row(project, other_project, alice, rf,
+                                                       django_assert_num_queries):
+    """An action over a page of keys asks whether the viewer manages each key's project: after the
+    first answer (which prefetches the viewer's projects and permissions), none costs a query."""
+    from django.contrib import admin as django_admin
+
+    from apps.projects.admin import ApiKeyAdmin
+
+    model_admin = ApiKeyAdmin(ApiKey, django_admin.site)
+    request = rf.get("/admin/projects/apikey/")
+    request.user = alice
+    assert model_admin.holds_perm(request, "manage_project", project.pk)
+    with django_assert_num_queries(0):
+        for _ in range(50):
+            assert model_admin.holds_perm(request, "manage_project", project.pk)
+            assert not model_admin.holds_perm(request, "manage_project", other_project.pk)
+            assert model_admin.holds_perm(request, "manage_project")
