@@ -12,12 +12,13 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
-websocket_urlpatterns: list = []  # each app with live pages appends its routes here
+from apps.dashboard.routing import websocket_urlpatterns  # noqa: E402 - the pages' live channels
 
 application = ProtocolTypeRouter(
     {
         # Static files are served by the app itself so the embedded mode needs no other server.
         "http": ASGIStaticFilesHandler(django_asgi_app),
+        # The origin check refuses a page of another site opening a socket with our session cookie.
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

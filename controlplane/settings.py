@@ -56,6 +56,7 @@ INSTALLED_APPS = [
     "apps.projects",
     "apps.traces",
     "apps.ingest",
+    "apps.dashboard",  # the audit UI: pages and live consumers, no models
 ]
 
 MIDDLEWARE = [
@@ -170,7 +171,8 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
-LOGIN_URL = "/admin/login/"
+LOGIN_URL = "/login/"  # the product's own login page (the admin keeps its own)
+LOGIN_REDIRECT_URL = "/"
 GUARDIAN_RAISE_403 = False
 ANONYMOUS_USER_NAME = None  # no guardian anonymous user: anonymous callers see nothing
 

@@ -14,6 +14,7 @@ urlpatterns = [
     path("v1/traces", otlp_views.traces, name="otlp-traces"),
     path("v1/logs", otlp_views.logs, name="otlp-logs"),
     path("healthz", healthz, name="healthz"),
+    path("", include("apps.dashboard.urls")),  # the product's pages, last: the API's paths come first
 ]
 
 handler404 = "apps.common.views.not_found"

@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
+from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework.exceptions import NotFound, PermissionDenied
@@ -27,6 +28,8 @@ from apps.projects.permissions import ProjectScopedAPIView, is_agent, require_sc
 from . import admission, records, selectors, services
 from .records import RecordError
 from .serializers import (
+    AgentFilterSerializer,
+    AgentListOut,
     RunAcceptedOut,
     RunDetailOut,
     RunFilterSerializer,
@@ -34,6 +37,8 @@ from .serializers import (
     RunFinishIn,
     RunOut,
     RunStartIn,
+    SessionOut,
+    SessionToolCallOut,
     SpanIn,
     SpansAcceptedOut,
     SpanUpdateAcceptedOut,
@@ -152,6 +157,17 @@ def _path_id(value: str, *, max_len: int = 128) -> str:
     return value
 
 
+def _query(serializer_class, request) -> dict[str, Any]:
+    """Validated query parameters; the first one at fault is named in ``details.field`` (400)."""
+    params = serializer_class(data=request.query_params)
+    if not params.is_valid():
+        field, messages = next(iter(params.errors.items()))
+        message = messages[0] if isinstance(messages, list) else next(iter(messages.values()))[0]
+        raise ApiError(ErrorCode.INVALID_REQUEST, f"{field}: {message}",
+                       details={"field": field, "fields": params.errors})
+    return params.validated_data
+
+
 class RunListView(ProjectScopedAPIView):
     """``GET`` lists runs; ``POST`` starts one."""
 
@@ -159,11 +175,9 @@ class RunListView(ProjectScopedAPIView):
                    responses={200: RunOut(many=True), **ERROR_RESPONSES})
     def get(self, request):
         require_scope(request, "read")
-        filters = RunFilterSerializer(data=request.query_params)
-        filters.is_valid(raise_exception=True)
+        filters = _query(RunFilterSerializer, request)
         paginator = RunCursor()
-        page = paginator.paginate_queryset(selectors.run_list(principal=request.user,
-                                                              filters=filters.validated_data), request, self)
+        page = paginator.paginate_queryset(selectors.run_list(principal=request.user, filters=filters), request, self)
         return paginator.get_paginated_response(RunOut(page, many=True).data)
 
     @extend_schema(summary="Start a run", request=RunStartIn, parameters=[IDEMPOTENCY_PARAM],
@@ -247,3 +261,41 @@ class SessionRunsView(ProjectScopedAPIView):
             selectors.session_runs(principal=request.user, session_id=_session_id(session_id),
                                    project_slug=_project_param(request)), request, self)
         return paginator.get_paginated_response(RunOut(page, many=True).data)
+
+
+class AgentListView(ProjectScopedAPIView):
+    @extend_schema(summary="Each agent version's runs, outcomes, latency and tokens over a window",
+                   description="One row per project, agent and version with runs started in [since, until) "
+                               "(default: the last 7 days), newest version first within an agent.",
+                   parameters=[AgentFilterSerializer], responses={200: AgentListOut, **ERROR_RESPONSES})
+    def get(self, request):
+        require_scope(request, "read")
+        params = _query(AgentFilterSerializer, request)
+        since = params.get("since") or timezone.now() - selectors.AGENT_STATS_WINDOW
+        rows = selectors.agent_stats(principal=self.access, project_slug=params.get("project"), since=since,
+                                     until=params.get("until"))
+        return Response(AgentListOut({"since": since, "until": params.get("until"), "results": rows}).data)
+
+
+class SessionDetailView(ProjectScopedAPIView):
+    @extend_schema(summary="A session: its runs as turns, with tool calls, tokens and cache hit rates",
+                   description=f"At most {selectors.SESSION_MAX_TURNS} turns, oldest first (truncated says when "
+                               "there were more). 404 when no run you may see has this session id.",
+                   parameters=[PROJECT_PARAM], responses={200: SessionOut, **ERROR_RESPONSES})
+    def get(self, request, session_id: str):
+        require_scope(request, "read")
+        session = selectors.session_detail(principal=self.access, session_id=_session_id(session_id),
+                                           project_slug=_project_param(request))
+        return Response(SessionOut(session).data)
+
+
+class SessionToolCallsView(ProjectScopedAPIView):
+    @extend_schema(summary="A session's tool calls, oldest first (cursor-paginated)", parameters=[PROJECT_PARAM],
+                   responses={200: SessionToolCallOut(many=True), **ERROR_RESPONSES})
+    def get(self, request, session_id: str):
+        require_scope(request, "read")
+        paginator = SessionCursor()
+        page = paginator.paginate_queryset(
+            selectors.session_tool_calls(principal=self.access, session_id=_session_id(session_id),
+                                         project_slug=_project_param(request)), request, self)
+        return paginator.get_paginated_response(SessionToolCallOut(page, many=True).data)

@@ -60,10 +60,14 @@ def publish_changes(changes: RunChanges) -> None:
     messages = []
     for pk, run in changes.runs.items():
         summary = run_summary(run)
-        messages.append((project_runs_group(run.project_id), {"type": "run.updated", "run": summary}))
-        messages.append((run_group(pk), {"type": "run.updated", "run": summary,
+        # run_pk and project_id let a consumer re-check, per message, that its person may see the run.
+        ids = {"run_pk": pk, "project_id": run.project_id}
+        messages.append((project_runs_group(run.project_id), {"type": "run.updated", **ids, "run": summary}))
+        messages.append((run_group(pk), {"type": "run.updated", **ids, "run": summary,
                                          "new_spans": changes.new_spans.get(pk, []),
                                          "updated_spans": changes.updated_spans.get(pk, [])}))
+        if run.parent_run_id:  # a parent's page shows its child runs live
+            messages.append((run_group(run.parent_run_id), {"type": "run.updated", **ids, "run": summary}))
     live.publish_many(messages)
     for pk, run in changes.runs.items():
         try:

@@ -32,6 +32,10 @@ class SpanKind(models.TextChoices):
     OTHER = "other"
 
 
+# The span kinds that make a run's loop graph (``topology``); a run holding one has ``has_loop``.
+LOOP_KINDS = (SpanKind.LOOP, SpanKind.LOOP_ITERATION, SpanKind.LOOP_MOVE)
+
+
 class SpanStatus(models.TextChoices):
     OK = "ok"
     ERROR = "error"
@@ -39,6 +43,18 @@ class SpanStatus(models.TextChoices):
 
 
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
+
+
+def cache_hit_rate(input_tokens: int | None, cache_read: int | None, cache_write: int | None) -> float | None:
+    """The share of prompt tokens served from the provider's cache (0..1), or None with no prompt.
+
+    Providers count differently: OpenAI's and the GenAI conventions' input tokens include the cached
+    ones; Anthropic's exclude both the cache reads and the cache writes. A count of input tokens below
+    the cache reads can only be the second kind, so the prompt is then input + cache read + cache write.
+    """
+    inp, read, write = input_tokens or 0, cache_read or 0, cache_write or 0
+    prompt = inp if inp >= read + write and inp > 0 else inp + read + write
+    return read / prompt if prompt else None
 
 
 class IngestBatch(models.Model):
@@ -201,6 +217,8 @@ class Run(models.Model):
     derive_status = models.BooleanField(
         default=False, help_text="Outcome inferred from the spans (OTLP): completed unless an error inside was "
                                  "never recovered, then failed with that span named.")
+    has_loop = models.BooleanField(
+        default=False, help_text="A span of a loop kind (loop, loop.iteration, loop.move) was seen in this run.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -221,6 +239,9 @@ class Run(models.Model):
             models.Index(fields=["last_span_at"], condition=Q(status="running"), name="traces_run_quiet"),
             models.Index(fields=["project", "parent_run_ref"], name="traces_run_parent_ref",
                          condition=~Q(parent_run_ref="")),
+            # The run list filtered to loops (?has_loop=true): few runs hold one, so a partial index
+            # serves that page without walking the project's whole time index.
+            models.Index(fields=["project", "-started_at", "-id"], name="traces_run_loop", condition=Q(has_loop=True)),
         ]
 
     def __str__(self) -> str:
@@ -233,6 +254,10 @@ class Run(models.Model):
     @property
     def total_tokens(self) -> int:
         return sum(getattr(self, f) for f in TOKEN_FIELDS[:2])
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        return cache_hit_rate(self.input_tokens, self.cache_read_tokens, self.cache_write_tokens)
 
     # --- the row's invariants: what each record does to a run (the projection calls these, then saves) ---
 

@@ -25,7 +25,7 @@ from apps.projects.models import Project
 
 from . import records, signals, spans
 from .live import RunChanges
-from .models import TOKEN_FIELDS, IngestBatch, Run, Span, SpanUpdate, ToolCall
+from .models import LOOP_KINDS, TOKEN_FIELDS, IngestBatch, Run, Span, SpanUpdate, ToolCall
 from .records import BIGINT_MAX, RecordError, parse_time, trace_id_for_run
 
 logger = logging.getLogger(__name__)
@@ -294,6 +294,11 @@ class _Application:
                     # Each count is bounded at the door; a run's sum saturates rather than overflow bigint.
                     run.add_contribution(delta, cap=BIGINT_MAX)
                 run.note_used(models_=(eff.get("model"), eff.get("response_model")), providers=(eff.get("provider"),))
+                if eff["kind"] in LOOP_KINDS:
+                    # Only ever set: unsetting it when a late update turns a span into another kind would
+                    # mean reading the run's other spans. The cost of that rare case is a run listed as
+                    # looping whose page shows no loop.
+                    run.has_loop = True
                 if eff.get("start_time"):
                     run.note_span_start(parse_time(eff["start_time"]))
                 if eff.get("tool") and eff["tool"].get("name") and eff != prev:
@@ -349,7 +354,7 @@ class _Application:
 RUN_FIELDS = ["agent_name", "agent_version", "end_user", "api_key", "session_id", "parent_run", "parent_run_ref",
               "status", "start_received", "started_at", "ended_at", "duration_ms", "input", "output", "metadata",
               "models_used", "providers_used", *TOKEN_FIELDS, "error_code", "error_details", "failing_span_id",
-              "span_count", "error_span_count", "last_span_at", "derive_status", "updated_at"]
+              "span_count", "error_span_count", "last_span_at", "derive_status", "has_loop", "updated_at"]
 
 
 def failing_spans(run_pks: list[int]) -> dict[int, str]:

@@ -10,20 +10,47 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection
-from django.db.models import Q, QuerySet, TextField
-from django.db.models.functions import Cast
+from django.db.models import (
+    Aggregate,
+    BooleanField,
+    Count,
+    F,
+    FloatField,
+    Max,
+    Min,
+    Q,
+    QuerySet,
+    Sum,
+    TextField,
+)
+from django.db.models.expressions import RawSQL
+from django.db.models.functions import Cast, TruncHour
 from django.http import Http404
+from django.utils import timezone
 
 from apps.common.errors import ApiError, ErrorCode
+from apps.projects.access import project_access
 
 from . import topology
-from .models import TOKEN_FIELDS, Run, ToolCall
+from .live import project_runs_group, run_group  # noqa: F401 - the live groups pages subscribe to
+from .models import (
+    LOOP_KINDS,
+    TOKEN_FIELDS,
+    DeadRecord,
+    IngestBatch,
+    Run,
+    Span,
+    SpanUpdate,
+    ToolCall,
+    cache_hit_rate,
+)
+from .projection import failing_spans
 from .records import parse_time
-from .spans import effective_spans
+from .spans import effective_spans, merge_span, span_to_record
 
 
 def runs_visible_to(principal, *, project_slug: str | None = None) -> QuerySet[Run]:
@@ -39,14 +66,32 @@ def _json_has(field: str, value: str) -> Q:
     return Q(**{f"_{field}_text__contains": json.dumps(value)})
 
 
+def _metadata_is(key: str, value: str) -> Q | RawSQL:
+    """The run's ``metadata[key]`` is the string ``value`` (a number or a nested value never matches)."""
+    if connection.vendor == "postgresql":
+        return Q(metadata__contains={key: value})
+    # SQLite has no JSON containment, and its JSON paths would read a key of digits as an array index:
+    # compare the object's members one by one instead (json_each names each by its key, as stored).
+    # The SQL names the run table: it holds for a query on runs, not for one where runs are a join.
+    table = connection.ops.quote_name(Run._meta.db_table)
+    return RawSQL(f"EXISTS (SELECT 1 FROM json_each({table}.metadata) AS m "
+                  f"WHERE m.key = %s AND m.type = 'text' AND m.value = %s)", [key, value], output_field=BooleanField())
+
+
 def run_list(*, principal, filters: dict[str, Any]) -> QuerySet[Run]:
-    """Runs newest first, filtered. ``filters`` are validated values (see api.RunFilterSerializer)."""
-    qs = runs_visible_to(principal, project_slug=filters.get("project")).select_related("project")
+    """Runs newest first, filtered. ``filters`` are validated values (see api.RunFilterSerializer):
+    ``metadata`` is a list of (key, value) pairs, all of which must hold; ``has_loop`` True, False or None."""
+    qs = runs_visible_to(principal, project_slug=filters.get("project")).select_related("project", "api_key")
     if filters.get("status"):
         qs = qs.filter(status__in=filters["status"])
-    for key, column in (("agent", "agent_name"), ("end_user", "end_user"), ("session_id", "session_id")):
+    for key, column in (("agent", "agent_name"), ("agent_version", "agent_version"), ("end_user", "end_user"),
+                        ("session_id", "session_id")):
         if filters.get(key):
             qs = qs.filter(**{column: filters[key]})
+    if filters.get("has_loop") is not None:
+        qs = qs.filter(has_loop=filters["has_loop"])
+    for key, value in filters.get("metadata") or ():
+        qs = qs.filter(_metadata_is(key, value))
     if connection.vendor != "postgresql" and (filters.get("model") or filters.get("provider")):
         qs = qs.annotate(_models_used_text=Cast("models_used", TextField()),
                          _providers_used_text=Cast("providers_used", TextField()))
@@ -73,7 +118,7 @@ def run_get(*, principal, run_id: str, project_slug: str | None = None) -> Run:
     Run ids are unique per project; a person who sees several projects holding the same id is asked
     to name the project (``?project=``)."""
     matches = list(runs_visible_to(principal, project_slug=project_slug).filter(run_id=run_id)
-                   .select_related("project", "parent_run")[:2])
+                   .select_related("project", "parent_run", "api_key")[:2])
     if not matches:
         raise Http404
     if len(matches) > 1:
@@ -84,7 +129,65 @@ def run_get(*, principal, run_id: str, project_slug: str | None = None) -> Run:
 
 def session_runs(*, principal, session_id: str, project_slug: str | None = None) -> QuerySet[Run]:
     return (runs_visible_to(principal, project_slug=project_slug).filter(session_id=session_id)
-            .select_related("project"))
+            .select_related("project", "api_key"))
+
+
+# --- the overview ---------------------------------------------------------------------------------------
+
+OVERVIEW_LIST = 5  # rows in each list of the overview
+SILENT_CANDIDATES = 50  # completed runs with error spans checked for an unrecovered one, newest first
+
+
+def overview(*, principal, project_slug: str | None = None, hours: int = 24, now: datetime | None = None) -> dict:
+    """What the overview page shows for the last ``hours``, for the runs ``principal`` may see.
+
+    Every figure is bounded by the window and the (project, started_at) index, or by a small set
+    (running runs, dead letters): nothing counts the whole run or span table. Ten queries."""
+    now = now or timezone.now()
+    since = now - timedelta(hours=hours)
+    access = project_access(principal)
+    if project_slug:
+        access = access.in_project(project_slug)
+    visible = Run.objects.visible_to(access)
+    window = visible.filter(started_at__gte=since, started_at__lte=now)
+    failed = (Run.Status.FAILED, Run.Status.LOST)
+
+    by_hour = {row["hour"]: row for row in window.annotate(hour=TruncHour("started_at")).values("hour").annotate(
+        runs=Count("id"), failed=Count("id", filter=Q(status__in=failed)),
+        tokens=Sum(F("input_tokens") + F("output_tokens"))).order_by()}
+    start_hour = since.replace(minute=0, second=0, microsecond=0)
+    hourly = []
+    for i in range(hours + 1):
+        hour = start_hour + timedelta(hours=i)
+        row = by_hour.get(hour) or {}
+        hourly.append({"hour": hour, "runs": row.get("runs", 0), "failed": row.get("failed", 0),
+                       "tokens": row.get("tokens") or 0})
+
+    silent_candidates = list(window.filter(status=Run.Status.COMPLETED, error_span_count__gt=0)
+                             .select_related("project").order_by("-started_at", "-id")[:SILENT_CANDIDATES])
+    unrecovered = failing_spans([r.pk for r in silent_candidates])
+    silent = [r for r in silent_candidates if unrecovered.get(r.pk)]
+    for run in silent:
+        run.silent_span_id = unrecovered[run.pk]
+
+    return {
+        "since": since, "until": now, "hours": hours, "hourly": hourly,
+        "runs": sum(h["runs"] for h in hourly), "failed": sum(h["failed"] for h in hourly),
+        "tokens": sum(h["tokens"] for h in hourly),
+        "error_codes": list(window.filter(status__in=failed).values("error_code")
+                            .annotate(runs=Count("id")).order_by("-runs", "error_code")[:OVERVIEW_LIST]),
+        "recent_failures": list(window.filter(status__in=failed).select_related("project")
+                                .order_by("-started_at", "-id")[:OVERVIEW_LIST]),
+        "slowest": list(window.filter(duration_ms__isnull=False).select_related("project")
+                        .order_by("-duration_ms", "-id")[:OVERVIEW_LIST]),
+        "silent": silent[:OVERVIEW_LIST], "silent_count": len(silent),
+        "silent_checked_all": len(silent_candidates) < SILENT_CANDIDATES,
+        "running": list(visible.filter(status=Run.Status.RUNNING).select_related("project")
+                        .order_by("-started_at", "-id")[:OVERVIEW_LIST]),
+        "running_count": visible.filter(status=Run.Status.RUNNING).count(),
+        "dead_batches": IngestBatch.objects.visible_to(access).filter(status=IngestBatch.Status.DEAD).count(),
+        "dead_records": DeadRecord.objects.visible_to(access).filter(status=DeadRecord.Status.DEAD).count(),
+    }
 
 
 # --- one run in full -----------------------------------------------------------------------------------
@@ -150,7 +253,11 @@ def _tree_order(spans: list[dict]) -> list[dict]:
 
 def run_spans(run: Run) -> list[dict]:
     """A run's effective spans (each merged with its updates) in tree order, with what recovered what."""
-    spans = [_span_out(eff, updated=updated) for _, eff, updated in effective_spans(run)]
+    return _link_recoveries([_span_out(eff, updated=updated) for _, eff, updated in effective_spans(run)])
+
+
+def _link_recoveries(spans: list[dict]) -> list[dict]:
+    """Mark which attempt recovered which failed span (retries and fallbacks); then tree order."""
     by_id = {s["span_id"]: s for s in spans}
     for s in spans:
         for link, how in (("retry_of", "retry"), ("fallback_of", "fallback")):
@@ -187,6 +294,81 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+# --- one run, for a page: the outline first, large values on demand ------------------------------------
+
+# What the outline of a span holds: everything but the values that can be megabytes (messages, tool
+# arguments and results, attributes, events, details), which a page loads one span at a time.
+OUTLINE_FIELDS = ("span_id", "parent_span_id", "name", "kind", "start_time", "end_time", "status", "status_message",
+                  "error_code", "retry_of", "fallback_of", "provider", "request_model", "response_model",
+                  *TOKEN_FIELDS, "time_to_first_token_ms", "stream_chunks", "output_tokens_per_second")
+OUTLINE_HEAVY = frozenset({"details", "input_messages", "output_messages", "tool", "attributes", "events"})
+OUTLINE_MESSAGE_CHARS = 300
+
+
+def _outline_record(row: dict, tool_name: str | None, details: Any) -> dict:
+    rec = {key: row[key] for key in ("span_id", "parent_span_id", "name", "kind", "status", "status_message",
+                                     "error_code", "retry_of", "fallback_of", "provider", "response_model")}
+    rec["start_time"] = row["start_time"].isoformat()
+    rec["end_time"] = row["end_time"].isoformat() if row["end_time"] else None
+    rec["model"] = row["request_model"]
+    usage = {k: row[k] for k in TOKEN_FIELDS if row[k] is not None}
+    rec["usage"] = usage or None
+    rec["time_to_first_token_ms"] = row["time_to_first_token_ms"]
+    rec["stream"] = {k: v for k, v in (("chunks", row["stream_chunks"]),
+                                       ("output_tokens_per_second", row["output_tokens_per_second"])) if v is not None}
+    rec["tool"] = {"name": tool_name} if tool_name else None
+    rec["details"] = details
+    return rec
+
+
+def run_outline(run: Run) -> list[dict]:
+    """A run's spans for its page, in tree order with ``depth`` and ``children`` (as ``run_spans``),
+    each merged with its late updates but without its large values: a run of 5,000 spans, or of
+    spans carrying megabytes, is drawn from this; ``span_effective`` loads one span in full. Three
+    queries: the spans' small columns, the loop spans' details (for the topology), the updates."""
+    updates = defaultdict(list)
+    for span_id, fields in SpanUpdate.objects.filter(run=run).order_by("id").values_list("span_id", "fields"):
+        updates[span_id].append(fields)
+    details = dict(Span.objects.filter(run=run, kind__in=LOOP_KINDS).values_list("span_id", "details"))
+    out = []
+    for row in Span.objects.filter(run=run).order_by("start_time", "id").values(*OUTLINE_FIELDS, "tool__name"):
+        rec = _outline_record(row, row["tool__name"], details.get(row["span_id"]))
+        upd = updates.get(row["span_id"], [])
+        if upd:
+            keep = {"tool", "details"} if row["kind"] in LOOP_KINDS else {"tool"}  # the tool for its name
+            light = [{k: v for k, v in fields.items() if k not in OUTLINE_HEAVY or k in keep} for fields in upd]
+            rec = merge_span(rec, light)
+            if rec.get("tool"):
+                rec["tool"] = {"name": rec["tool"].get("name")}
+        span = _span_out(rec, updated=bool(upd))
+        if len(span["status_message"]) > OUTLINE_MESSAGE_CHARS:
+            span["status_message"] = span["status_message"][:OUTLINE_MESSAGE_CHARS] + "…"
+        out.append(span)
+    return _link_recoveries(out)
+
+
+def span_effective(run: Run, span_id: str) -> dict | None:
+    """One span of ``run`` in full (merged with its updates), or None. Two queries."""
+    span = Span.objects.filter(run=run, span_id=span_id).first()
+    if span is None:
+        return None
+    upd = list(SpanUpdate.objects.filter(run=run, span_id=span_id).order_by("id").values_list("fields", flat=True))
+    return _span_out(merge_span(span_to_record(span), upd), updated=bool(upd))
+
+
+def run_page(*, principal, run_id: str, project_slug: str) -> tuple[Run, dict[str, Any]]:
+    """What a run's page shows, if the caller may see the run (else 404): the run with its parent, its
+    child runs (with their status, live while they run), the span outline in tree order, the topology
+    of its loops and its tool calls (names and status; arguments and results load with their span)."""
+    run = run_get(principal=principal, run_id=run_id, project_slug=project_slug)
+    spans = run_outline(run)
+    children = list(Run.objects.filter(parent_run=run).order_by("started_at", "id")
+                    .values("run_id", "agent_name", "status", "started_at", "duration_ms"))
+    tool_calls = list(ToolCall.objects.filter(run=run).order_by("started_at", "id")
+                      .values("name", "status", "latency_ms", "started_at", "span__span_id"))
+    return run, {"spans": spans, "topology": topology.build(spans), "children": children, "tool_calls": tool_calls}
+
+
 def run_detail(*, principal, run_id: str, project_slug: str | None = None) -> tuple[Run, dict[str, Any]]:
     """One run in full, if the caller may see it (else 404): the run, and beside it what the run's page
     and the API's run detail show: input, output, metadata, error details, child run ids, the span tree
@@ -198,3 +380,155 @@ def run_detail(*, principal, run_id: str, project_slug: str | None = None) -> tu
         "child_run_ids": run_children(run), "spans": spans, "topology": topology.build(spans),
         "tool_calls": [{**t, "started_at": iso(t["started_at"])} for t in run_tool_calls(run)],
     }
+
+
+# --- agents and sessions ---
+
+AGENT_STATS_WINDOW = timedelta(days=7)
+AGENT_TOP_ERRORS = 3
+SESSION_MAX_TURNS = 1000  # a session longer than this shows its first turns and says it was cut
+SESSION_TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+
+
+class _PercentileCont(Aggregate):
+    """PostgreSQL's ``percentile_cont(fraction) WITHIN GROUP (ORDER BY expression)``; NULLs are skipped."""
+
+    function = "percentile_cont"
+    template = "%(function)s(%(fraction)s) WITHIN GROUP (ORDER BY %(expressions)s)"
+    output_field = FloatField()
+
+    def __init__(self, expression: str, *, fraction: float) -> None:
+        super().__init__(expression, fraction=float(fraction))
+
+
+def _percentile(ordered: list[float], fraction: float) -> float | None:
+    """``percentile_cont`` computed in Python (linear between the two nearest ranks), for SQLite."""
+    if not ordered:
+        return None
+    position = fraction * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def agent_stats(*, principal, project_slug: str | None = None, since: datetime | None = None,
+                until: datetime | None = None) -> list[dict[str, Any]]:
+    """Per project, agent and version, the runs started in ``[since, until)`` (default: the last 7 days):
+    how many, how many completed and failed (lost counts as failed; ``success_rate`` is completed over
+    completed + failed, so runs still going or cancelled weigh neither way), the 50th and 95th
+    percentile of the finished runs' durations, tokens, the cache hit rate (``models.cache_hit_rate``
+    over the group's sums), when the version was first and last seen in the window, and its most
+    common error codes.
+
+    Sorted by project, agent, then newest version first (by first run), so a version change reads
+    as a boundary between rows. A fixed number of queries whatever the number of agents, all on the
+    run table (its (project, started_at) index bounds them to the window): the grouped totals and
+    the grouped error codes; on SQLite, which has no ``percentile_cont``, a third reads the window's
+    durations and the percentiles are computed here (bounded by the window)."""
+    since = since or timezone.now() - AGENT_STATS_WINDOW
+    runs = runs_visible_to(principal, project_slug=project_slug).filter(started_at__gte=since)
+    if until is not None:
+        runs = runs.filter(started_at__lt=until)
+    group = ("project_id", "agent_name", "agent_version")
+    totals: dict[str, Any] = {
+        "runs": Count("pk"),
+        "completed": Count("pk", filter=Q(status=Run.Status.COMPLETED)),
+        "failed": Count("pk", filter=Q(status__in=(Run.Status.FAILED, Run.Status.LOST))),
+        **{name: Sum(name) for name in SESSION_TOKENS},
+        "first_started_at": Min("started_at"), "last_started_at": Max("started_at"),
+    }
+    postgres = connection.vendor == "postgresql"
+    if postgres:
+        totals |= {"p50_ms": _PercentileCont("duration_ms", fraction=0.5),
+                   "p95_ms": _PercentileCont("duration_ms", fraction=0.95)}
+    rows = list(runs.values(*group, "project__slug").annotate(**totals).order_by())
+    if not rows:
+        return []
+    errors: dict[tuple, list[dict]] = defaultdict(list)
+    for row in (runs.exclude(error_code="").values(*group, "error_code").annotate(count=Count("pk"))
+                .order_by("-count", "error_code")):
+        key = tuple(row[k] for k in group)
+        if len(errors[key]) < AGENT_TOP_ERRORS:
+            errors[key].append({"error_code": row["error_code"], "count": row["count"]})
+    durations: dict[tuple, list[float]] = defaultdict(list)
+    if not postgres:
+        for *key, ms in (runs.filter(duration_ms__isnull=False).values_list(*group, "duration_ms")
+                         .order_by("duration_ms")):
+            durations[tuple(key)].append(ms)
+    out = []
+    for row in rows:
+        key = tuple(row[k] for k in group)
+        decided = row["completed"] + row["failed"]
+        out.append({
+            "project": row["project__slug"], "agent_name": row["agent_name"], "agent_version": row["agent_version"],
+            "runs": row["runs"], "completed": row["completed"], "failed": row["failed"],
+            "success_rate": row["completed"] / decided if decided else None,
+            "p50_ms": row["p50_ms"] if postgres else _percentile(durations[key], 0.5),
+            "p95_ms": row["p95_ms"] if postgres else _percentile(durations[key], 0.95),
+            "input_tokens": row["input_tokens"], "output_tokens": row["output_tokens"],
+            "cache_hit_rate": cache_hit_rate(row["input_tokens"], row["cache_read_tokens"], row["cache_write_tokens"]),
+            "first_started_at": row["first_started_at"], "last_started_at": row["last_started_at"],
+            "top_errors": errors[key],
+        })
+    # Newest version first within an agent: sort on the negated timestamp (stable for the rest).
+    out.sort(key=lambda r: (r["project"], r["agent_name"], -r["first_started_at"].timestamp(), r["agent_version"]))
+    return out
+
+
+def session_detail(*, principal, session_id: str, project_slug: str | None = None) -> dict[str, Any]:
+    """One conversation: its runs as turns, oldest first, if the caller may see any (else 404).
+
+    Each turn has its timing (``offset_ms`` from the first turn's start), status, tool call count,
+    tokens and cache hit rate, and the session's running totals up to it (``cumulative``, the cache
+    hit rate over the summed tokens). At most ``SESSION_MAX_TURNS`` turns (``truncated`` says when
+    there were more), so a session of any length opens. Two queries: the runs (without their input
+    and output), their tool call counts (grouped). Like ``run_get``, a person seeing several projects
+    that hold this session id is asked to name the project."""
+    runs = list(runs_visible_to(principal, project_slug=project_slug).filter(session_id=session_id)
+                .select_related("project")
+                .only("project__slug", "run_id", "agent_name", "agent_version", "status", "started_at", "ended_at",
+                      "duration_ms", *SESSION_TOKENS)
+                .order_by("started_at", "id")[:SESSION_MAX_TURNS + 1])
+    if not runs:
+        raise Http404
+    projects = {run.project.slug for run in runs}
+    if len(projects) > 1:
+        raise ApiError(ErrorCode.INVALID_REQUEST, "Several of your projects have a session with this id; "
+                                                  "add ?project=.",
+                       details={"field": "project", "projects": sorted(projects)})
+    truncated = len(runs) > SESSION_MAX_TURNS
+    runs = runs[:SESSION_MAX_TURNS]
+    tool_calls = dict(ToolCall.objects.filter(run_id__in=[run.pk for run in runs]).values("run_id")
+                      .annotate(n=Count("pk")).order_by().values_list("run_id", "n"))
+    first = runs[0].started_at
+    cumulative = dict.fromkeys(SESSION_TOKENS, 0)
+    turns = []
+    for run in runs:
+        tokens = {name: getattr(run, name) for name in SESSION_TOKENS}
+        for name, value in tokens.items():
+            cumulative[name] += value
+        turns.append({
+            "run_id": run.run_id, "agent": {"name": run.agent_name, "version": run.agent_version},
+            "status": run.status, "started_at": run.started_at, "ended_at": run.ended_at,
+            "offset_ms": (run.started_at - first).total_seconds() * 1000, "duration_ms": run.duration_ms,
+            "tool_calls": tool_calls.get(run.pk, 0), "tokens": tokens, "cache_hit_rate": run.cache_hit_rate,
+            "cumulative": {**cumulative, "cache_hit_rate": cache_hit_rate(
+                cumulative["input_tokens"], cumulative["cache_read_tokens"], cumulative["cache_write_tokens"])},
+        })
+    return {
+        "session_id": session_id, "project": runs[0].project.slug, "started_at": first,
+        # From the first start to the latest end known (or start, for turns still going): the timeline's scale.
+        "span_ms": max(t["offset_ms"] + (t["duration_ms"] or 0) for t in turns),
+        "turn_count": len(turns), "truncated": truncated, "max_turns": SESSION_MAX_TURNS,
+        "totals": turns[-1]["cumulative"], "turns": turns,
+    }
+
+
+def session_tool_calls(*, principal, session_id: str, project_slug: str | None = None) -> QuerySet[ToolCall]:
+    """The tool calls of a session's runs the caller may see, oldest first (``started_at``, ``id``: the
+    order cursor pagination walks), each with its run id, span id and project slug joined in."""
+    return (ToolCall.objects.visible_to(principal, project_slug=project_slug).filter(run__session_id=session_id)
+            .select_related("project", "run", "span")
+            .only("project__slug", "run__run_id", "span__span_id", "name", "call_id", "arguments", "result",
+                  "status", "latency_ms", "error", "started_at")
+            .order_by("started_at", "id"))

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import json
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from .models import TOKEN_FIELDS, Run, SpanKind, SpanStatus
 from .records import MAX_CHARS, MAX_SPANS_PER_REQUEST, RUN_FINISH_STATUSES, RUN_START_STATUSES
-from .selectors import run_usage
+from .selectors import SESSION_TOKENS, run_usage
+
+# ?metadata=key:value pairs: each is one more condition on the run list's query, so a few at most.
+METADATA_FILTER_MAX_PAIRS = 10
+METADATA_FILTER_MAX_CHARS = 500
 
 # --- request bodies (schema only) ------------------------------------------------------------------
 
@@ -145,6 +150,7 @@ class RunFilterSerializer(serializers.Serializer):
     project = serializers.SlugField(required=False, help_text="A project slug (people who see several).")
     status = serializers.CharField(required=False, help_text="One status or several, comma-separated.")
     agent = serializers.CharField(required=False, max_length=MAX_CHARS["agent_name"])
+    agent_version = serializers.CharField(required=False, max_length=MAX_CHARS["agent_version"])
     end_user = serializers.CharField(required=False, max_length=MAX_CHARS["end_user"])
     session_id = serializers.CharField(required=False, max_length=MAX_CHARS["session_id"])
     model = serializers.CharField(required=False, max_length=MAX_CHARS["model"],
@@ -154,7 +160,23 @@ class RunFilterSerializer(serializers.Serializer):
     started_before = serializers.DateTimeField(required=False)
     has_error = serializers.BooleanField(required=False, allow_null=True, default=None,
                                          help_text="Failed, or holding an error span.")
+    has_loop = serializers.BooleanField(required=False, allow_null=True, default=None,
+                                        help_text="Holding a loop (a span of kind loop, loop.iteration or loop.move).")
+    metadata = serializers.ListField(
+        child=serializers.CharField(max_length=METADATA_FILTER_MAX_CHARS), required=False,
+        max_length=METADATA_FILTER_MAX_PAIRS,
+        help_text="key:value, repeatable (?metadata=channel:web&metadata=tier:gold): runs whose metadata holds "
+                  "the string value at that key, for every pair. The key ends at the first colon.")
     q = serializers.CharField(required=False, max_length=200, help_text="Text in the run's input.")
+
+    def validate_metadata(self, value: list[str]) -> list[tuple[str, str]]:
+        pairs = []
+        for item in value:
+            key, colon, text = item.partition(":")
+            if not colon or not key:
+                raise serializers.ValidationError(f"{item[:50]!r} is not key:value.")
+            pairs.append((key, text))
+        return pairs
 
     def validate_status(self, value: str) -> list[str]:
         statuses = [s.strip() for s in value.split(",") if s.strip()]
@@ -164,8 +186,21 @@ class RunFilterSerializer(serializers.Serializer):
         return statuses
 
 
+class AgentFilterSerializer(serializers.Serializer):
+    """Query parameters of GET /agents."""
+
+    project = serializers.SlugField(required=False, help_text="A project slug (people who see several).")
+    since = serializers.DateTimeField(required=False, help_text="Runs started at or after; default: 7 days ago.")
+    until = serializers.DateTimeField(required=False, help_text="Runs started before; default: no end.")
+
+
 UsageOut = type("UsageOut", (serializers.Serializer,), {
     "__module__": __name__, **{k: serializers.IntegerField() for k in (*TOKEN_FIELDS, "total_tokens")}})
+
+
+class ApiKeyRefOut(serializers.Serializer):
+    prefix = serializers.CharField(help_text="As the key list shows it (cp_live_…); never the secret.")
+    name = serializers.CharField()
 
 
 class RunOut(serializers.Serializer):
@@ -192,9 +227,19 @@ class RunOut(serializers.Serializer):
     span_count = serializers.IntegerField()
     error_span_count = serializers.IntegerField()
     last_span_at = serializers.DateTimeField(allow_null=True)
+    api_key = serializers.SerializerMethodField(help_text="The key that started the run (null: none, or revoked "
+                                                          "and deleted since).")
+    has_loop = serializers.BooleanField()
+    cache_hit_rate = serializers.FloatField(allow_null=True, help_text="Cache reads over the prompt tokens (0..1); "
+                                                                       "null without a prompt.")
 
     def get_agent(self, run) -> AgentIn:
         return {"name": run.agent_name, "version": run.agent_version}
+
+    @extend_schema_field(ApiKeyRefOut(allow_null=True))
+    def get_api_key(self, run) -> dict | None:
+        key = run.api_key
+        return {"prefix": key.display_prefix, "name": key.name} if key is not None else None
 
     def get_input_preview(self, run) -> str:
         if run.input is None:
@@ -323,3 +368,81 @@ class RunDetailOut(RunOut):
     spans = SpanOut(many=True)
     tool_calls = ToolCallOut(many=True)
     topology = TopologyOut(help_text="The run's loops as graphs (empty when it has none).")
+
+
+# --- agents and sessions ---------------------------------------------------------------------------
+
+
+class ErrorCountOut(serializers.Serializer):
+    error_code = serializers.CharField()
+    count = serializers.IntegerField()
+
+
+class AgentStatsOut(serializers.Serializer):
+    """One agent version's runs in the window (``selectors.agent_stats``)."""
+
+    project = serializers.CharField()
+    agent_name = serializers.CharField()
+    agent_version = serializers.CharField()
+    runs = serializers.IntegerField()
+    completed = serializers.IntegerField()
+    failed = serializers.IntegerField(help_text="Failed or lost.")
+    success_rate = serializers.FloatField(allow_null=True, help_text="completed / (completed + failed); null "
+                                                                     "while none has finished either way.")
+    p50_ms = serializers.FloatField(allow_null=True, help_text="Median duration of the finished runs.")
+    p95_ms = serializers.FloatField(allow_null=True)
+    input_tokens = serializers.IntegerField()
+    output_tokens = serializers.IntegerField()
+    cache_hit_rate = serializers.FloatField(allow_null=True)
+    first_started_at = serializers.DateTimeField(help_text="This version's first run in the window.")
+    last_started_at = serializers.DateTimeField()
+    top_errors = ErrorCountOut(many=True, help_text="The 3 most common error codes.")
+
+
+class AgentListOut(serializers.Serializer):
+    since = serializers.DateTimeField()
+    until = serializers.DateTimeField(allow_null=True)
+    results = AgentStatsOut(many=True)
+
+
+SessionTokensOut = type("SessionTokensOut", (serializers.Serializer,), {
+    "__module__": __name__, **{k: serializers.IntegerField() for k in SESSION_TOKENS}})
+
+
+class SessionTotalsOut(SessionTokensOut):
+    cache_hit_rate = serializers.FloatField(allow_null=True)
+
+
+class TurnOut(serializers.Serializer):
+    """One run of the session."""
+
+    run_id = serializers.CharField()
+    agent = AgentIn()
+    status = serializers.ChoiceField(choices=Run.Status.choices)
+    started_at = serializers.DateTimeField()
+    ended_at = serializers.DateTimeField(allow_null=True)
+    offset_ms = serializers.FloatField(help_text="From the session's first turn's start.")
+    duration_ms = serializers.FloatField(allow_null=True)
+    tool_calls = serializers.IntegerField()
+    tokens = SessionTokensOut()
+    cache_hit_rate = serializers.FloatField(allow_null=True)
+    cumulative = SessionTotalsOut(help_text="The session's totals up to and including this turn.")
+
+
+class SessionOut(serializers.Serializer):
+    session_id = serializers.CharField()
+    project = serializers.CharField()
+    started_at = serializers.DateTimeField()
+    span_ms = serializers.FloatField(help_text="From the first turn's start to the latest end known.")
+    turn_count = serializers.IntegerField()
+    truncated = serializers.BooleanField(help_text="True when the session has more than max_turns runs: "
+                                                   "the first max_turns are shown.")
+    max_turns = serializers.IntegerField()
+    totals = SessionTotalsOut()
+    turns = TurnOut(many=True)
+
+
+class SessionToolCallOut(ToolCallOut):
+    project = serializers.CharField(source="project.slug")
+    run_id = serializers.CharField(source="run.run_id")
+    span_id = serializers.CharField(source="span.span_id")

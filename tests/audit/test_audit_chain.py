@@ -10,22 +10,13 @@ from apps.audit.models import GENESIS_HASH, AuditEvent
 from apps.audit.selectors import audit_chain_verify
 from apps.projects import services
 from apps.projects.models import ApiKey, Project
+from tests.audit.tampering import bypass_triggers
 
 pytestmark = pytest.mark.django_db
 
 
 class _Rollback(Exception):
     pass
-
-
-def _bypass_triggers():
-    """Tamper with the table the way an attacker with raw database access would."""
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute("ALTER TABLE audit_auditevent DISABLE TRIGGER USER")
-        else:
-            cursor.execute("DROP TRIGGER audit_no_update")
-            cursor.execute("DROP TRIGGER audit_no_delete")
 
 
 def test_a_change_writes_one_row_with_actor_role_and_request_id(project, client_for, alice):
@@ -71,7 +62,7 @@ def test_audit_verify_detects_an_edited_row(project, capsys):
     call_command("audit_verify")
     assert "audit chain OK" in capsys.readouterr().out
     target = AuditEvent.objects.order_by("seq")[1]
-    _bypass_triggers()
+    bypass_triggers()
     AuditEvent.objects.filter(pk=target.pk).update(actor_repr="mallory")
     with pytest.raises(CommandError, match=f"row #{target.seq} .*edited"):
         call_command("audit_verify")
@@ -79,7 +70,7 @@ def test_audit_verify_detects_an_edited_row(project, capsys):
 
 def test_audit_verify_detects_a_deleted_row(project):
     target = AuditEvent.objects.order_by("seq")[1]
-    _bypass_triggers()
+    bypass_triggers()
     AuditEvent.objects.filter(pk=target.pk).delete()
     with pytest.raises(CommandError, match=f"row #{target.seq + 1} .*sequence gap"):
         call_command("audit_verify")
@@ -90,7 +81,7 @@ def test_audit_verify_detects_a_forged_row_with_a_recomputed_hash(project):
     target = AuditEvent.objects.order_by("seq")[0]
     target.actor_repr = "mallory"
     forged_hash = target.compute_hash()
-    _bypass_triggers()
+    bypass_triggers()
     AuditEvent.objects.filter(pk=target.pk).update(actor_repr="mallory", hash=forged_hash)
     breaks = list(audit_chain_verify())
     assert [b.seq for b in breaks] == [target.seq + 1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,12 +21,14 @@ from django.contrib.auth.models import Permission
 from django.contrib.contenttypes.models import ContentType
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from apps.audit.models import AuditEvent
 from apps.projects.admin import ScopedAdminMixin
 from apps.traces.models import DeadRecord, IngestBatch
 from tests.ingest import builders as otlp_builders
+from tests.streaming import read_streamed
 from tests.traces.helpers import at, drain
 
 pytestmark = pytest.mark.django_db
@@ -43,6 +46,11 @@ PERSON_READ = "person read"      # one project's object, people with a role only
 PERSON_WRITE = "person write"    # people holding project permission `perm` (keys: person_only; others: 403/404)
 PERSON_CREATE = "person create"  # people holding model permission `perm` (keys need `scope`, then person_only)
 KEY_WRITE = "key write"          # API keys with `scope`; the key decides the project (people: `person`)
+# The product's pages (session sign-in; an API key is not a person there: sent to the login page).
+PAGE_PUBLIC = "page public"      # anyone (the login page)
+PAGE_LIST = "page list"          # rows of every project the person holds a role in; others' rows never shown
+PAGE_READ = "page read"          # one project's object: people with a role there; anyone else 404
+PAGE_ACTION = "page action"      # a form any person with a role may send (changing nothing); others 403
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,7 @@ def _otlp_logs() -> bytes:
 
 RUN = "api/v1/runs/<str:run_id>"
 PROJECT = "api/v1/projects/<slug:slug>"
+RUN_PAGE = "runs/<slug:project>/<str:run_id>"
 
 # (METHOD, URL pattern) -> what it requires. "*": a function view answering every method alike.
 MATRIX: dict[tuple[str, str], Endpoint] = {
@@ -104,11 +113,32 @@ MATRIX: dict[tuple[str, str], Endpoint] = {
                                         body={"status": "completed"}),
     ("GET", "api/v1/sessions/<str:session_id>/runs"): Endpoint(LIST, "api/v1/sessions/{session_id}/runs",
                                                                scope="read", marker="{run_id}"),
+    ("GET", "api/v1/agents"): Endpoint(LIST, "api/v1/agents", scope="read", marker='"acme"'),
+    ("GET", "api/v1/sessions/<str:session_id>"): Endpoint(READ, "api/v1/sessions/{session_id}", scope="read"),
+    ("GET", "api/v1/sessions/<str:session_id>/tool-calls"): Endpoint(LIST, "api/v1/sessions/{session_id}/tool-calls",
+                                                                     scope="read", marker="acme-lookup"),
     # OTLP/HTTP: keys only (a person's session is not read there: 401)
     ("POST", "v1/traces"): Endpoint(KEY_WRITE, "v1/traces", scope="ingest", body=_otlp_traces(),
                                     person=(401, "not_authenticated")),
     ("POST", "v1/logs"): Endpoint(KEY_WRITE, "v1/logs", scope="ingest", body=_otlp_logs(),
                                   person=(401, "not_authenticated")),
+    # the product's pages
+    ("GET", "login/"): Endpoint(PAGE_PUBLIC, "login/"),
+    ("POST", "login/"): Endpoint(PAGE_PUBLIC, "login/"),
+    ("POST", "logout/"): Endpoint(PAGE_PUBLIC, "logout/"),
+    ("GET", ""): Endpoint(PAGE_LIST, "", marker="{run_id}"),
+    ("GET", "runs/"): Endpoint(PAGE_LIST, "runs/", marker="{run_id}"),
+    ("GET", "runs/export.<str:fmt>"): Endpoint(PAGE_LIST, "runs/export.csv", marker="{run_id}"),
+    ("GET", f"{RUN_PAGE}/"): Endpoint(PAGE_READ, "runs/acme/{run_id}/"),
+    ("GET", f"{RUN_PAGE}/export.json"): Endpoint(PAGE_READ, "runs/acme/{run_id}/export.json"),
+    ("GET", f"{RUN_PAGE}/spans/<str:span_id>/"): Endpoint(PAGE_READ, "runs/acme/{run_id}/spans/{tool_span_id}/"),
+    ("GET", f"{RUN_PAGE}/spans/<str:span_id>/<str:field>.json"): Endpoint(
+        PAGE_READ, "runs/acme/{run_id}/spans/{tool_span_id}/tool.json"),
+    ("GET", "agents/"): Endpoint(PAGE_LIST, "agents/", marker="project=acme"),
+    ("GET", "sessions/<slug:project>/<path:session_id>/"): Endpoint(PAGE_READ, "sessions/acme/{session_id}/"),
+    ("GET", "audit/"): Endpoint(PAGE_LIST, "audit/", marker="acme-all"),
+    ("POST", "audit/"): Endpoint(PAGE_ACTION, "audit/"),
+    ("GET", "audit/export.<str:fmt>"): Endpoint(PAGE_LIST, "audit/export.csv", marker="acme-all"),
 }
 
 
@@ -172,15 +202,19 @@ def world(project, other_project, alice, bob, charlie, make_key, key_client, cli
     outsider; keys are minted per check."""
     acme_key, acme_raw = make_key(project, scopes=ALL_SCOPES, name="acme-all")
     _, globex_raw = make_key(other_project, scopes=ALL_SCOPES, name="globex-all")
+    # The runs are recent, so that the pages and APIs with a time window (overview, agents) list them.
+    def recent(seconds: float) -> str:
+        return (timezone.now() - timedelta(hours=1, seconds=-seconds)).isoformat()
+
     for raw, name in ((acme_raw, "acme"), (globex_raw, "globex")):
         agent = key_client(raw)
         run = f"{name}-run-1"
-        assert agent.post("/api/v1/runs", {"run_id": run, "session_id": f"{name}-session", "started_at": at(0)},
+        assert agent.post("/api/v1/runs", {"run_id": run, "session_id": f"{name}-session", "started_at": recent(0)},
                           format="json").status_code == 202
         assert agent.post(f"/api/v1/runs/{run}/spans", [
-            {"span_id": f"{name}-span-1", "kind": "llm", "start_time": at(1)},
-            {"span_id": f"{name}-tool-1", "kind": "tool", "tool": {"name": f"{name}-lookup"}, "start_time": at(2),
-             "end_time": at(3), "status": "ok"}], format="json").status_code == 202
+            {"span_id": f"{name}-span-1", "kind": "llm", "start_time": recent(1)},
+            {"span_id": f"{name}-tool-1", "kind": "tool", "tool": {"name": f"{name}-lookup"}, "start_time": recent(2),
+             "end_time": recent(3), "status": "ok"}], format="json").status_code == 202
     drain()
 
     def key(scopes, proj=None) -> APIClient:
@@ -191,7 +225,7 @@ def world(project, other_project, alice, bob, charlie, make_key, key_client, cli
         person=client_for, anonymous=APIClient(),
         root=django_user_model.objects.create_superuser("root", password="pw-root"),
         values={"slug": "acme", "key_id": acme_key.pk, "run_id": "acme-run-1", "span_id": "acme-span-1",
-                "session_id": "acme-session"})
+                "tool_span_id": "acme-tool-1", "session_id": "acme-session"})
 
 
 def _call(client, method: str, e: Endpoint, world):
@@ -345,7 +379,75 @@ def a_key_with_the_scope_writes_into_its_project(e, m, w):
     assert _batches(w.acme) == ours + 1
 
 
+def _page(resp) -> str:
+    return (read_streamed(resp) if resp.streaming else resp.content).decode()
+
+
+def _globex_auditor(w):
+    from apps.projects import services
+    from apps.projects.models import Role
+
+    user, created = type(w.bob).objects.get_or_create(username="gina")
+    if created:
+        services.role_grant(project=w.globex, user=user, role=Role.AUDITOR, actor=None)
+    return user
+
+
+def _sent_to_login(resp):
+    assert resp.status_code == 302 and resp["Location"].startswith("/login/?next="), (resp.status_code, resp)
+
+
+def a_signed_out_visitor_is_sent_to_the_login_page(e, m, w):
+    _sent_to_login(_call(Client(), m, e, w))
+
+
+def an_api_key_is_not_a_person_here(e, m, w):
+    """Pages read the session only: a key's Authorization header signs nobody in."""
+    _sent_to_login(_call(w.key(ALL_SCOPES), m, e, w))
+
+
+def an_outsider_gets_a_404_page(e, m, w):
+    for person in (w.charlie, _globex_auditor(w)):
+        client = Client()
+        client.force_login(person)
+        assert _call(client, m, e, w).status_code == 404
+
+
+def an_auditor_opens_the_page(e, m, w):
+    client = Client()
+    client.force_login(w.bob)
+    assert _call(client, m, e, w).status_code == 200
+
+
+def an_outsider_sees_none_of_its_rows_on_the_page(e, m, w):
+    for person in (w.charlie, _globex_auditor(w)):
+        client = Client()
+        client.force_login(person)
+        resp = _call(client, m, e, w)
+        assert resp.status_code == 200 and e.marker.format(**w.values) not in _page(resp)
+
+
+def an_auditor_sees_its_rows_on_the_page(e, m, w):
+    client = Client()
+    client.force_login(w.bob)
+    resp = _call(client, m, e, w)
+    assert resp.status_code == 200 and e.marker.format(**w.values) in _page(resp)
+
+
+def a_person_without_a_role_gets_403(e, m, w):
+    client = Client()
+    client.force_login(w.charlie)
+    assert _call(client, m, e, w).status_code == 403
+
+
 CHECKS = {
+    PAGE_PUBLIC: [anyone_is_answered],
+    PAGE_ACTION: [a_signed_out_visitor_is_sent_to_the_login_page, an_api_key_is_not_a_person_here,
+                  a_person_without_a_role_gets_403, an_auditor_opens_the_page],
+    PAGE_LIST: [a_signed_out_visitor_is_sent_to_the_login_page, an_api_key_is_not_a_person_here,
+                an_outsider_sees_none_of_its_rows_on_the_page, an_auditor_sees_its_rows_on_the_page],
+    PAGE_READ: [a_signed_out_visitor_is_sent_to_the_login_page, an_api_key_is_not_a_person_here,
+                an_outsider_gets_a_404_page, an_auditor_opens_the_page],
     PUBLIC: [anyone_is_answered],
     AUTHENTICATED: [no_credentials_401, a_person_without_roles_is_answered, a_key_without_read_is_answered],
     READ: [no_credentials_401, an_outsider_gets_404, another_projects_key_gets_404,

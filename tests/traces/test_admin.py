@@ -7,12 +7,12 @@ import json
 import re
 
 import pytest
-from asgiref.sync import async_to_sync
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from apps.audit.models import AuditEvent
 from apps.traces.models import DeadRecord, IngestBatch, Run, Span
+from tests.streaming import read_streamed
 
 from .helpers import accept, at, drain
 
@@ -30,10 +30,7 @@ def post(client, url, body):
 
 def csv_rows(resp) -> list[dict]:
     """Read a streamed export the way the ASGI server does (its rows come from an async iterator)."""
-    async def collect():
-        return b"".join([chunk async for chunk in resp.streaming_content])
-
-    return list(csv.DictReader(io.StringIO(async_to_sync(collect)().decode())))
+    return list(csv.DictReader(io.StringIO(read_streamed(resp).decode())))
 
 
 @pytest.fixture

@@ -1,0 +1,11 @@
+"""WebSocket routes of the pages (mounted by ``controlplane/asgi.py`` behind the session auth and the
+origin check)."""
+from django.urls import path
+
+from . import consumers
+
+websocket_urlpatterns = [
+    path("ws/overview/", consumers.OverviewConsumer.as_asgi()),
+    path("ws/runs/", consumers.RunListConsumer.as_asgi()),
+    path("ws/runs/<slug:project>/<str:run_id>/", consumers.RunConsumer.as_asgi()),
+]

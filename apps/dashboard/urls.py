@@ -1,0 +1,24 @@
+"""The product's pages (``/``): each route is a thin view over another app's selectors."""
+from django.urls import path
+
+from .views import agents, audit, auth, overview, runs, sessions
+
+app_name = "dashboard"
+
+urlpatterns = [
+    path("login/", auth.LoginView.as_view(), name="login"),
+    path("logout/", auth.LogoutView.as_view(), name="logout"),
+    path("", overview.OverviewPage.as_view(), name="overview"),
+    path("runs/", runs.RunListPage.as_view(), name="runs"),
+    path("runs/export.<str:fmt>", runs.RunListExport.as_view(), name="runs-export"),
+    path("runs/<slug:project>/<str:run_id>/", runs.RunPage.as_view(), name="run"),
+    path("runs/<slug:project>/<str:run_id>/export.json", runs.RunExport.as_view(), name="run-export"),
+    path("runs/<slug:project>/<str:run_id>/spans/<str:span_id>/", runs.SpanPanel.as_view(), name="span"),
+    path("runs/<slug:project>/<str:run_id>/spans/<str:span_id>/<str:field>.json", runs.SpanField.as_view(), name="span-field"),
+    # sessions and agents pages
+    path("agents/", agents.AgentsPage.as_view(), name="agents"),
+    path("sessions/<slug:project>/<path:session_id>/", sessions.SessionPage.as_view(), name="session"),
+    # audit log page
+    path("audit/", audit.AuditLogPage.as_view(), name="audit"),
+    path("audit/export.<str:fmt>", audit.AuditExport.as_view(), name="audit-export"),
+]

@@ -1,0 +1,320 @@
+"""The pages in a real browser (Debian's Chromium driven by Playwright) over a server started the
+way `make run` starts it (embedded: SQLite, in-process worker, in-memory channel layer), seeded
+through the real ingest path: the REST API and the OpenTelemetry SDK over OTLP/HTTP.
+
+Screenshots of each page at 1280 and 1920 px go to var/screenshots/ (test artefacts, not committed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests import http_client as http
+from tests.ingest.otel import flush, sdk
+from tests.system.test_make_run import _free_port as free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = ROOT / "var" / "screenshots"
+LIVE_WITHIN_MS = 2000
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)")
+
+SETUP_PEOPLE = """
+from django.contrib.auth import get_user_model
+from apps.projects import services
+from apps.projects.models import Project, Role
+User = get_user_model()
+demo = Project.objects.get(slug="demo")
+other = services.project_create(slug="other", name="Other", actor=None)
+for name, project in (("auditor", demo), ("other-auditor", other)):
+    user = User.objects.create_user(name, password="pw-" + name + "-123")
+    services.role_grant(project=project, user=user, role=Role.AUDITOR, actor=None)
+"""
+
+
+class Server:
+    def __init__(self, tmp: Path):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in {"DATABASE_URL", "REDIS_URL", "DEBUG", "SECRET_KEY", "DJANGO_SETTINGS_MODULE"}}
+        self.env.update({"DATA_DIR": str(tmp / "var"), "PORT": str(self.port), "ADMIN_PASSWORD": "a-long-pw-123",
+                         "OTLP_GRPC_PORT": str(free_port())})
+        self.log_path = tmp / "server.log"
+        self.keys: dict[str, str] = {}
+
+    def start(self):
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(["make", "run"], cwd=ROOT, env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while http.get(f"{self.base}/healthz")[0] != 200:
+            assert self.proc.poll() is None, self.log_path.read_text()
+            assert time.monotonic() < deadline, "the server did not start within 300 s"
+            time.sleep(0.3)
+        for project in ("demo", "other"):
+            if project == "other":
+                self.manage("shell", "-c", SETUP_PEOPLE)
+            self.keys[project] = self.manage("create_api_key", "--project", project, "--scopes", "ingest,read",
+                                             *(["--create-project"] if project == "demo" else [])).strip()
+
+    def manage(self, *args) -> str:
+        done = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def stop(self):
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+    def rest(self, method, path, body=None, project="demo"):
+        status, text, _ = http.request(method, f"{self.base}/api/v1{path}", timeout=20,
+                                       headers={"Authorization": f"Bearer {self.keys[project]}",
+                                                "Content-Type": "application/json"},
+                                       data=json.dumps(body).encode() if body is not None else None)
+        assert status == 202, (status, text)
+        return json.loads(text)
+
+
+def ago(seconds: float) -> str:
+    return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("browser"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    pw = sync_playwright().start()
+    chromium = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
+    yield chromium
+    chromium.close()
+    pw.stop()
+
+
+def sign_in(browser, server, user="auditor", width=1280):
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    page = context.new_page()
+    page.goto(f"{server.base}/runs/")  # signed out: sent to the product's login page
+    assert "/login/" in page.url
+    page.fill("#id_username", user)
+    page.fill("#id_password", f"pw-{user}-123")
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{server.base}/runs/")
+    return page
+
+
+def shoot(page, name):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for width in (1280, 1920):
+        page.set_viewport_size({"width": width, "height": 1000})
+        page.screenshot(path=str(SHOTS / f"{name}-{width}.png"), full_page=True)
+        # Nothing wider than the window: the layout holds at this width.
+        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0, f"{name} overflows by {overflow}px at {width}px"
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+
+def live_ready(page):
+    page.wait_for_selector("[data-live-state][data-state=open]", timeout=10_000)
+
+
+def test_the_overview_shows_a_new_failed_run_live(server, browser):
+    page = sign_in(browser, server)
+    page.goto(f"{server.base}/")
+    live_ready(page)
+    sent = time.monotonic()
+    server.rest("POST", "/runs", {"run_id": "ov-fail-1", "agent": "billing-bot", "started_at": ago(3)})
+    server.rest("POST", "/runs/ov-fail-1/finish", {"status": "failed", "error_code": "card_declined"})
+    page.wait_for_selector("[data-tile=failures] >> text=ov-fail-1", timeout=LIVE_WITHIN_MS + 3000)
+    elapsed_ms = (time.monotonic() - sent) * 1000
+    assert elapsed_ms < LIVE_WITHIN_MS, f"the failed run appeared after {elapsed_ms:.0f} ms"
+    assert page.locator("[data-tile=failures]").inner_text().count("card_declined") == 1
+    shoot(page, "overview")
+
+
+def test_the_runs_list_filters_by_agent_and_status_and_keeps_them_in_the_url(server, browser):
+    for run_id, agent, status in (("fl-1", "alpha-bot", "failed"), ("fl-2", "alpha-bot", "completed"),
+                                  ("fl-3", "beta-bot", "failed")):
+        server.rest("POST", "/runs", {"run_id": run_id, "agent": agent, "started_at": ago(20)})
+        server.rest("POST", f"/runs/{run_id}/finish", {"status": status})
+    page = sign_in(browser, server)
+    page.wait_for_selector("text=fl-3")
+    page.fill("#id_agent", "alpha-bot")
+    page.select_option("select[name=status]", ["failed"])
+    page.click("form.filters button[type=submit]")
+    page.wait_for_url("**agent=alpha-bot**")
+    assert "status=failed" in page.url
+    rows = page.locator("tbody tr[data-key]")
+    assert rows.count() == 1 and "fl-1" in rows.first.inner_text()
+    live_ready(page)
+    # The list stays live under its filters: a new matching run appears, another does not.
+    server.rest("POST", "/runs", {"run_id": "fl-4", "agent": "alpha-bot"})
+    server.rest("POST", "/runs/fl-4/finish", {"status": "failed"})
+    server.rest("POST", "/runs", {"run_id": "fl-5", "agent": "beta-bot"})
+    server.rest("POST", "/runs/fl-5/finish", {"status": "failed"})
+    page.wait_for_selector("tbody >> text=fl-4", timeout=5000)
+    page.wait_for_timeout(1000)
+    assert page.locator("tbody >> text=fl-5").count() == 0
+    page.reload()
+    assert page.locator("#id_agent").input_value() == "alpha-bot"
+    shoot(page, "runs-filtered")
+
+
+def test_the_run_page_shows_timeline_tree_a_tool_call_tokens_and_cache_hit_rate(server, browser):
+    server.rest("POST", "/runs", {"run_id": "rp-1", "agent": "support-bot", "end_user": "u-42",
+                                  "session_id": "sess-1", "started_at": ago(30)})
+    server.rest("POST", "/runs/rp-1/spans", [
+        {"span_id": "llm-1", "kind": "llm", "name": "chat gpt-4o", "model": "gpt-4o", "provider": "openai",
+         "start_time": ago(29), "end_time": ago(27), "time_to_first_token_ms": 300,
+         "usage": {"input_tokens": 2000, "output_tokens": 120, "cache_read_tokens": 1500, "reasoning_tokens": 40},
+         "input_messages": [{"role": "system", "content": "You are a careful support agent."},
+                            {"role": "user", "content": "Where is my parcel?"}]},
+        {"span_id": "tool-1", "parent_span_id": "llm-1", "kind": "tool", "name": "track_parcel",
+         "start_time": ago(27), "end_time": ago(26),
+         "tool": {"name": "track_parcel", "arguments": {"parcel": "PX-1234"}, "result": {"state": "in transit"}}}])
+    server.rest("POST", "/runs/rp-1/finish", {"status": "completed", "output": {"answer": "It is in transit."}})
+    page = sign_in(browser, server)
+    page.wait_for_selector("text=rp-1")
+    page.click("text=rp-1")
+    page.wait_for_selector("svg.timeline")
+    assert page.locator("svg.timeline g.row").count() == 2
+    assert page.locator(".tree li[data-span]").count() == 2
+    assert page.locator("[data-field=cache-hit-rate]").inner_text() == "75 %"  # 1,500 of 2,000
+    assert "2 000 / 120" in page.locator("[data-field=tokens]").inner_text().replace("\u202f", " ")
+    page.click(".tree li[data-span=tool-1]")
+    page.wait_for_selector("#span-panel [data-tool=arguments]")
+    assert "PX-1234" in page.locator("#span-panel [data-tool=arguments]").inner_text()
+    assert "in transit" in page.locator("#span-panel [data-tool=result]").inner_text()
+    shoot(page, "run")
+
+
+def test_a_span_that_opens_and_closes_shows_running_then_done_without_reload(server, browser):
+    server.rest("POST", "/runs", {"run_id": "lv-1", "agent": "coder", "started_at": ago(5)})
+    page = sign_in(browser, server)
+    page.wait_for_selector("text=lv-1")
+    page.goto(f"{server.base}/runs/demo/lv-1/")
+    live_ready(page)
+    page.evaluate("window.__marker = 'no reload'")
+    server.rest("POST", "/runs/lv-1/spans", {"span_id": "t-1", "kind": "tool", "name": "run_tests",
+                                             "tool": {"name": "run_tests", "arguments": {"path": "tests/"}}})
+    row = ".tree li[data-span=t-1]"
+    page.wait_for_selector(f"{row} .status-running", timeout=5000)
+    page.click(row)
+    page.wait_for_selector("#span-panel >> text=no result yet")
+    server.rest("PATCH", "/runs/lv-1/spans/t-1", {"end_time": ago(0), "status": "ok",
+                                                   "tool": {"result": {"passed": 12}}})
+    page.wait_for_selector(f"{row} .status-ok", timeout=5000)
+    page.wait_for_selector("#span-panel [data-tool=result] >> text=passed", timeout=5000)
+    assert page.evaluate("window.__marker") == "no reload"
+
+
+P = "tangle.loop."
+
+
+def test_a_loop_run_shows_its_graph_and_the_rationale_of_a_move(server, browser):
+    provider, tracer, exporter = sdk(server.base, server.keys["demo"], service="loop-agent")
+    with tracer.start_as_current_span("loop", attributes={P + "driver": "dynamic", P + "winner_index": 1}) as root:
+        with tracer.start_as_current_span("loop.move", attributes={
+                P + "move.kind": "fanout", P + "move.round": 0, P + "move.rationale": "two plans; try both",
+                P + "move.child_indices": [0, 1]}):
+            pass
+        for index, valid in ((0, False), (1, True)):
+            with tracer.start_as_current_span("loop.iteration", attributes={
+                    P + "iteration.index": index, P + "iteration.verdict.valid": valid,
+                    P + "iteration.verdict.score": 0.9 if valid else 0.1}):
+                pass
+    trace_id = f"{root.get_span_context().trace_id:032x}"
+    flush(provider, exporter)
+    page = sign_in(browser, server)
+    deadline = time.monotonic() + 10
+    while True:
+        page.goto(f"{server.base}/runs/demo/{trace_id}/")
+        if page.locator("svg.graph").count():
+            break
+        assert time.monotonic() < deadline, page.content()[:2000]
+        page.wait_for_timeout(300)
+    assert page.locator("svg.graph g.node[data-node]").count() == 2
+    assert "winner" in page.locator("svg.graph g.node.winner").text_content()
+    page.click("svg.graph a[data-move]")
+    assert page.locator("details.move[open] .rationale").inner_text() == "two plans; try both"
+    shoot(page, "run-loop")
+
+
+def test_a_session_page_shows_its_turns_with_their_cache_hit_rates(server, browser):
+    for n, (inp, cached) in enumerate(((1000, 0), (1200, 900))):
+        run_id = f"turn-{n}"
+        server.rest("POST", "/runs", {"run_id": run_id, "agent": "chat", "session_id": "sess-browser",
+                                      "started_at": ago(60 - n * 10)})
+        server.rest("POST", f"/runs/{run_id}/spans", {"span_id": "m", "kind": "llm", "model": "claude",
+                                                      "usage": {"input_tokens": inp, "output_tokens": 10,
+                                                                "cache_read_tokens": cached}})
+        server.rest("POST", f"/runs/{run_id}/finish", {"status": "completed"})
+    page = sign_in(browser, server)
+    deadline = time.monotonic() + 10
+    while True:
+        page.goto(f"{server.base}/sessions/demo/sess-browser/")
+        if page.locator("text=turn-1").count():
+            break
+        assert time.monotonic() < deadline
+        page.wait_for_timeout(300)
+    text = page.locator("main").inner_text()
+    assert "turn-0" in text and "turn-1" in text and "75 %" in text  # 900 of 1,200
+    shoot(page, "session")
+
+
+def test_an_auditor_of_another_project_sees_none_of_it(server, browser):
+    server.rest("POST", "/runs", {"run_id": "secret-1", "agent": "vault"})
+    page = sign_in(browser, server, user="other-auditor")
+    response = page.goto(f"{server.base}/runs/demo/secret-1/")
+    assert response.status == 404
+    page.goto(f"{server.base}/runs/")
+    live_ready(page)
+    # The live channel of demo's run is refused; the list channel carries nothing of demo's runs.
+    code = page.evaluate("""() => new Promise(resolve => {
+        const ws = new WebSocket(`ws://${location.host}/ws/runs/demo/secret-1/`);
+        ws.onclose = e => resolve(e.code);
+    })""")
+    assert code == 4404
+    page.evaluate("""() => { window.__live = [];
+        document.addEventListener('live:message', e => window.__live.push(e.detail)); }""")
+    server.rest("POST", "/runs", {"run_id": "secret-2", "agent": "vault"})
+    server.rest("POST", "/runs/secret-2/finish", {"status": "failed"})
+    server.rest("POST", "/runs", {"run_id": "mine-1", "agent": "other-bot"}, project="other")
+    page.wait_for_selector("tbody >> text=mine-1", timeout=5000)
+    live = page.evaluate("window.__live")
+    assert live and not any("secret" in json.dumps(m) for m in live)
+    assert page.locator("text=secret-2").count() == 0
+
+
+def test_the_agents_and_audit_pages_open_for_an_auditor(server, browser):
+    page = sign_in(browser, server)
+    page.goto(f"{server.base}/agents/")
+    assert page.locator("main").inner_text().count("support-bot") >= 1
+    shoot(page, "agents")
+    page.goto(f"{server.base}/audit/")
+    page.click("text=Verify the chain")
+    page.wait_for_load_state()
+    assert "intact" in page.locator("main").inner_text().lower() or "ok" in page.locator("main").inner_text().lower()
+    shoot(page, "audit")
