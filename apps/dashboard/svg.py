@@ -3,11 +3,9 @@ network. Every function returns safe markup; every text that came from data is e
 from __future__ import annotations
 
 from collections import defaultdict
+from html import escape  # the stdlib's: Django's is wrapped for lazy text, a cost per call in these loops
 
-from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
-
-from apps.traces.records import parse_time
 
 
 def _fmt(x: float) -> str:
@@ -43,19 +41,14 @@ LABEL_W = 240
 BARS_W = 760
 
 
-def _t(iso: str | None):
-    return parse_time(iso) if iso else None
-
-
 def timeline(spans: list[dict], *, run_start, run_end, now) -> SafeString:
-    """A waterfall of ``spans`` (tree order, as ``traces.selectors.run_outline`` gives them): bars to
-    scale from the run's start, open spans drawn to ``run_end`` (or now) dashed, errors in red, time to
-    first token marked on model calls, and each retry or fallback linked by a curve to what it recovered."""
-    starts = {s["span_id"]: _t(s["start_time"]) for s in spans}
-    ends = {s["span_id"]: _t(s["end_time"]) for s in spans}
-    t0 = min([run_start, *filter(None, starts.values())], default=run_start)
-    t1 = max([run_end or now, *filter(None, ends.values())], default=now)
-    total = max((t1 - t0).total_seconds() * 1000, 1.0)
+    """A waterfall of ``spans`` (tree order, as ``traces.selectors.run_outline`` gives them: times in
+    epoch seconds): bars to scale from the run's start, open spans drawn to ``run_end`` (or now) dashed,
+    errors in red, time to first token marked on model calls, and each retry or fallback linked by a
+    curve to what it recovered."""
+    t0 = min([run_start.timestamp(), *(s["start_time"] for s in spans)])
+    t1 = max([(run_end or now).timestamp(), *(s["end_time"] for s in spans if s["end_time"] is not None)])
+    total = max((t1 - t0) * 1000, 1.0)
     scale = BARS_W / total
     height = ROW_H * len(spans) + 24
     row_of = {s["span_id"]: i for i, s in enumerate(spans)}
@@ -67,10 +60,9 @@ def timeline(spans: list[dict], *, run_start, run_end, now) -> SafeString:
                    f'<text x="{_fmt(x + 2)}" y="11">{_fmt(frac * total)} ms</text>')
     for i, s in enumerate(spans):
         y = 20 + i * ROW_H
-        start = starts[s["span_id"]] or t0
-        end = ends[s["span_id"]]
-        x = LABEL_W + (start - t0).total_seconds() * 1000 * scale
-        w = max(((end or t1) - start).total_seconds() * 1000 * scale, 1.5)
+        start, end = s["start_time"], s["end_time"]
+        x = LABEL_W + (start - t0) * 1000 * scale
+        w = max(((end if end is not None else t1) - start) * 1000 * scale, 1.5)
         classes = ["bar", s["kind"].replace(".", "-")]
         if s["status"] == "error":
             classes.append("error")

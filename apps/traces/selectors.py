@@ -296,53 +296,90 @@ def iso(value: datetime | None) -> str | None:
 
 # --- one run, for a page: the outline first, large values on demand ------------------------------------
 
-# What the outline of a span holds: everything but the values that can be megabytes (messages, tool
-# arguments and results, attributes, events, details), which a page loads one span at a time.
-OUTLINE_FIELDS = ("span_id", "parent_span_id", "name", "kind", "start_time", "end_time", "status", "status_message",
-                  "error_code", "retry_of", "fallback_of", "provider", "request_model", "response_model",
-                  *TOKEN_FIELDS, "time_to_first_token_ms", "stream_chunks", "output_tokens_per_second")
-OUTLINE_HEAVY = frozenset({"details", "input_messages", "output_messages", "tool", "attributes", "events"})
+# The outline of a span: everything a run's page draws (tree, timeline, topology), but none of the
+# values that can be megabytes (messages, tool arguments and results, attributes, events, details but a
+# loop's), which a page loads one span at a time.
 OUTLINE_MESSAGE_CHARS = 300
+# Aggregated to one JSON value in the database: decoding 5,000 rows of 20 typed columns cost ~125 ms in
+# the driver, one JSON document a few (bench/RESULTS.md, "The audit UI"). Times as epoch seconds.
+_OUTLINE_SQL = {
+    "postgresql": """
+        SELECT json_agg(json_build_array(span_id, parent_span_id, name, kind, extract(epoch FROM start_time),
+            extract(epoch FROM end_time), status, left(status_message, %(chars)s), error_code, retry_of, fallback_of,
+            provider, request_model, time_to_first_token_ms, {tokens}, tool->>'name', id) ORDER BY start_time, id)
+        FROM {table} WHERE run_id = %(run)s""",
+    "sqlite": """
+        SELECT json_group_array(json(r)) FROM (SELECT json_array(span_id, parent_span_id, name, kind,
+            (julianday(start_time) - 2440587.5) * 86400.0,
+            CASE WHEN end_time IS NULL THEN NULL ELSE (julianday(end_time) - 2440587.5) * 86400.0 END,
+            status, substr(status_message, 1, %(chars)s), error_code, retry_of, fallback_of, provider, request_model,
+            time_to_first_token_ms, {tokens}, json_extract(tool, '$.name'), id) AS r
+            FROM {table} WHERE run_id = %(run)s)""",
+}
+_OUTLINE_SET = frozenset({"name", "kind", "status", "error_code", "provider", "model", "time_to_first_token_ms"})
 
 
-def _outline_record(row: dict, tool_name: str | None, details: Any) -> dict:
-    rec = {key: row[key] for key in ("span_id", "parent_span_id", "name", "kind", "status", "status_message",
-                                     "error_code", "retry_of", "fallback_of", "provider", "response_model")}
-    rec["start_time"] = row["start_time"].isoformat()
-    rec["end_time"] = row["end_time"].isoformat() if row["end_time"] else None
-    rec["model"] = row["request_model"]
-    usage = {k: row[k] for k in TOKEN_FIELDS if row[k] is not None}
-    rec["usage"] = usage or None
-    rec["time_to_first_token_ms"] = row["time_to_first_token_ms"]
-    rec["stream"] = {k: v for k, v in (("chunks", row["stream_chunks"]),
-                                       ("output_tokens_per_second", row["output_tokens_per_second"])) if v is not None}
-    rec["tool"] = {"name": tool_name} if tool_name else None
-    rec["details"] = details
-    return rec
+def _epoch(iso: str | None) -> float | None:
+    return parse_time(iso).timestamp() if iso else None
+
+
+def _outline_merge(span: dict, fields: dict) -> None:
+    """Apply one late update to an outline span (the small fields only; ``spans.merge_span``'s rules)."""
+    for key, value in fields.items():
+        if key in ("parent_span_id", "retry_of", "fallback_of"):
+            span[key] = value or None
+        elif key in _OUTLINE_SET:
+            span[key] = value
+        elif key in ("start_time", "end_time"):
+            span[key] = _epoch(value)
+        elif key == "status_message":
+            span[key] = value
+        elif key == "usage":
+            span["usage"] = {**dict.fromkeys(TOKEN_FIELDS), **(span["usage"] or {}), **value}
+        elif key == "tool" and value.get("name"):
+            span["tool"] = {"name": value["name"]}
+        elif key == "details" and span["kind"] in LOOP_KINDS:
+            span["details"] = value
 
 
 def run_outline(run: Run) -> list[dict]:
-    """A run's spans for its page, in tree order with ``depth`` and ``children`` (as ``run_spans``),
-    each merged with its late updates but without its large values: a run of 5,000 spans, or of
-    spans carrying megabytes, is drawn from this; ``span_effective`` loads one span in full. Three
-    queries: the spans' small columns, the loop spans' details (for the topology), the updates."""
+    """A run's spans as its page draws them, in tree order with ``depth`` and ``children`` (as
+    ``run_spans``), merged with their late updates, without their large values: a run of 5,000 spans,
+    or of spans carrying megabytes, opens from this; ``span_effective`` loads one span in full.
+
+    The keys are ``run_spans``' but for the values left out, and the times: ``start_time`` and
+    ``end_time`` are epoch seconds (floats) here. Three queries: the spans (one JSON document), the
+    loop spans' details (for the topology), the late updates."""
+    with connection.cursor() as cursor:
+        cursor.execute(_OUTLINE_SQL[connection.vendor].format(table=Span._meta.db_table, tokens=", ".join(TOKEN_FIELDS)),
+                       {"run": run.pk, "chars": OUTLINE_MESSAGE_CHARS + 1})
+        rows = cursor.fetchone()[0] or []
+    if isinstance(rows, str):  # SQLite hands the document back as text
+        rows = sorted(json.loads(rows), key=lambda r: (r[4], r[-1]))
+    details = dict(Span.objects.filter(run=run, kind__in=LOOP_KINDS).values_list("span_id", "details"))
     updates = defaultdict(list)
     for span_id, fields in SpanUpdate.objects.filter(run=run).order_by("id").values_list("span_id", "fields"):
         updates[span_id].append(fields)
-    details = dict(Span.objects.filter(run=run, kind__in=LOOP_KINDS).values_list("span_id", "details"))
     out = []
-    for row in Span.objects.filter(run=run).order_by("start_time", "id").values(*OUTLINE_FIELDS, "tool__name"):
-        rec = _outline_record(row, row["tool__name"], details.get(row["span_id"]))
-        upd = updates.get(row["span_id"], [])
-        if upd:
-            keep = {"tool", "details"} if row["kind"] in LOOP_KINDS else {"tool"}  # the tool for its name
-            light = [{k: v for k, v in fields.items() if k not in OUTLINE_HEAVY or k in keep} for fields in upd]
-            rec = merge_span(rec, light)
-            if rec.get("tool"):
-                rec["tool"] = {"name": rec["tool"].get("name")}
-        span = _span_out(rec, updated=bool(upd))
-        if len(span["status_message"]) > OUTLINE_MESSAGE_CHARS:
-            span["status_message"] = span["status_message"][:OUTLINE_MESSAGE_CHARS] + "…"
+    cut = OUTLINE_MESSAGE_CHARS
+    for (span_id, parent, name, kind, start, end, status, message, error_code, retry_of, fallback_of, provider,
+         model, ttft, *tokens, tool_name, _pk) in rows:
+        span = {
+            "span_id": span_id, "parent_span_id": parent or None, "name": name, "kind": kind, "start_time": start,
+            "end_time": end, "status": status, "status_message": message, "error_code": error_code,
+            "retry_of": retry_of or None, "fallback_of": fallback_of or None, "provider": provider, "model": model,
+            "time_to_first_token_ms": ttft,
+            "usage": dict(zip(TOKEN_FIELDS, tokens, strict=True)) if tokens.count(None) < len(tokens) else None,
+            "tool": {"name": tool_name} if tool_name else None, "details": details.get(span_id) if details else None,
+            "updated": span_id in updates,
+        }
+        if span["updated"]:
+            for fields in updates[span_id]:
+                _outline_merge(span, fields)
+            start, end = span["start_time"], span["end_time"]
+        span["duration_ms"] = round((end - start) * 1000, 3) if end is not None else None
+        if span["status_message"] and len(span["status_message"]) > cut:
+            span["status_message"] = span["status_message"][:cut] + "…"
         out.append(span)
     return _link_recoveries(out)
 
@@ -356,6 +393,9 @@ def span_effective(run: Run, span_id: str) -> dict | None:
     return _span_out(merge_span(span_to_record(span), upd), updated=bool(upd))
 
 
+RUN_PAGE_TOOL_CALLS = 100
+
+
 def run_page(*, principal, run_id: str, project_slug: str) -> tuple[Run, dict[str, Any]]:
     """What a run's page shows, if the caller may see the run (else 404): the run with its parent, its
     child runs (with their status, live while they run), the span outline in tree order, the topology
@@ -364,9 +404,13 @@ def run_page(*, principal, run_id: str, project_slug: str) -> tuple[Run, dict[st
     spans = run_outline(run)
     children = list(Run.objects.filter(parent_run=run).order_by("started_at", "id")
                     .values("run_id", "agent_name", "status", "started_at", "duration_ms"))
+    # The first tool calls as a table (every one of them is in the span tree too).
     tool_calls = list(ToolCall.objects.filter(run=run).order_by("started_at", "id")
-                      .values("name", "status", "latency_ms", "started_at", "span__span_id"))
-    return run, {"spans": spans, "topology": topology.build(spans), "children": children, "tool_calls": tool_calls}
+                      .values("name", "status", "latency_ms", "started_at", "span__span_id")[:RUN_PAGE_TOOL_CALLS])
+    has_loops = any(s["kind"] in LOOP_KINDS for s in spans)
+    return run, {"spans": spans, "topology": topology.build(spans) if has_loops else {"loops": []},
+                 "children": children, "tool_calls": tool_calls,
+                 "more_tool_calls": sum(1 for s in spans if s["tool"]) - len(tool_calls)}
 
 
 def run_detail(*, principal, run_id: str, project_slug: str | None = None) -> tuple[Run, dict[str, Any]]:

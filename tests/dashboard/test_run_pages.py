@@ -195,3 +195,25 @@ def test_pages_ask_a_fixed_number_of_queries(client, bob, project, make_key, dja
         assert client.get("/runs/acme/q-3/").status_code == 200
     with django_assert_max_num_queries(16):
         assert client.get("/").status_code == 200
+
+
+def test_a_run_of_5000_spans_draws_every_span_and_opens_its_tree_folded(client, bob, project, make_key,
+                                                                         django_assert_max_num_queries):
+    key = make_key(project)[0]
+    spans = [{"span_id": "root", "kind": "agent", "name": "agent"}]
+    for i in range(1666):
+        spans += [{"span_id": f"step-{i}", "parent_span_id": "root", "kind": "step", "name": f"step {i}"},
+                  {"span_id": f"llm-{i}", "parent_span_id": f"step-{i}", "kind": "llm", "name": "chat",
+                   "input_messages": [{"role": "user", "content": "z" * 2000}]},
+                  {"span_id": f"tool-{i}", "parent_span_id": f"step-{i}", "kind": "tool", "name": "search",
+                   "tool": {"name": "search", "arguments": {"q": "w" * 2000}}}]
+    _run(project, key, "huge", spans=spans[:4999] + [{"span_id": "last", "kind": "tool", "name": "t"}])
+    drain()
+    client.force_login(bob)
+    with django_assert_max_num_queries(12):
+        page = client.get("/runs/acme/huge/").content.decode()
+    assert page.count('<g class="row"') == 5000 and page.count("<li ") == 5000
+    # Folded below the first level: the steps show, their model and tool calls wait for a click.
+    assert 'data-span="step-7" data-depth="1" role="treeitem"' in page and 'aria-expanded="false"' in page
+    assert page.count(" hidden") >= 3000
+    assert "zzzzzzzzzz" not in page and "wwwwwwwwww" not in page  # large values stay on the server
