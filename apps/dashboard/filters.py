@@ -33,8 +33,10 @@ class RunFilterForm(forms.Form):
     provider = forms.CharField(required=False, max_length=100)
     error_code = forms.CharField(required=False, max_length=100, label="Error code")
     since = forms.ChoiceField(required=False, choices=[("", "any time"), *((k, k) for k in SINCE)])
-    started_after = forms.DateTimeField(required=False, label="From")
-    started_before = forms.DateTimeField(required=False, label="To")
+    started_after = forms.DateTimeField(required=False, label="From", widget=forms.DateTimeInput(
+        attrs={"placeholder": "2026-11-30 09:00"}))
+    started_before = forms.DateTimeField(required=False, label="To", widget=forms.DateTimeInput(
+        attrs={"placeholder": "2026-11-30 18:00"}))
     has_error = forms.ChoiceField(required=False, choices=TRISTATE, label="Has error")
     has_loop = forms.ChoiceField(required=False, choices=TRISTATE, label="Has loop")
     q = forms.CharField(required=False, max_length=200, label="Text in input")

@@ -207,6 +207,12 @@ def test_the_run_page_shows_timeline_tree_a_tool_call_tokens_and_cache_hit_rate(
     page.wait_for_selector("#span-panel [data-tool=arguments]")
     assert "PX-1234" in page.locator("#span-panel [data-tool=arguments]").inner_text()
     assert "in transit" in page.locator("#span-panel [data-tool=result]").inner_text()
+    # The model call's context: the system instructions and the user's message, by role.
+    page.click(".tree li[data-span=llm-1]")
+    page.wait_for_selector("#span-panel [data-messages]")
+    messages = page.locator("#span-panel [data-messages] li")
+    assert messages.count() == 2 and "careful support agent" in messages.first.inner_text()
+    assert messages.first.locator(".role").inner_text().lower() == "system"
     shoot(page, "run")
 
 

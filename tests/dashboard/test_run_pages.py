@@ -217,3 +217,16 @@ def test_a_run_of_5000_spans_draws_every_span_and_opens_its_tree_folded(client, 
     assert 'data-span="step-7" data-depth="1" role="treeitem"' in page and 'aria-expanded="false"' in page
     assert page.count(" hidden") >= 3000
     assert "zzzzzzzzzz" not in page and "wwwwwwwwww" not in page  # large values stay on the server
+
+
+def test_a_time_range_in_the_url_narrows_the_list(client, bob, project, make_key):
+    key = make_key(project)[0]
+    _run(project, key, "in-range")
+    drain()
+    client.force_login(bob)
+    now = timezone.now()
+    inside = client.get("/runs/", {"started_after": (now - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M"),
+                                   "started_before": (now + timedelta(hours=1)).strftime("%Y-%m-%d %H:%M")})
+    assert "in-range" in inside.content.decode()
+    before = client.get("/runs/", {"started_before": (now - timedelta(hours=2)).strftime("%Y-%m-%d %H:%M")})
+    assert "in-range" not in before.content.decode() and 'name="started_before"' in before.content.decode()

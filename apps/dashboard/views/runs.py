@@ -175,6 +175,21 @@ class RunPage(Page):
         return self.render_to_response(self.get_context_data(**kwargs, **context))
 
 
+def _conversation(messages) -> list[dict] | None:
+    """Chat messages as a person reads them (role, then text; anything else as JSON), or None when the
+    value is not a list of messages. System instructions and reasoning keep their role as sent."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return None
+    out = []
+    for m in messages:
+        content = m.get("content", m.get("parts"))
+        extra = {k: v for k, v in m.items() if k not in ("role", "content", "parts")}
+        out.append({"role": str(m.get("role") or "?"), "text": content if isinstance(content, str) else None,
+                    "json": None if isinstance(content, str) else _preview(content)["text"],
+                    "extra": _preview(extra)["text"] if extra else None})
+    return out
+
+
 class SpanPanel(PageMixin, View):
     """One span in full (its values previewed; a larger one links to ``SpanField``), for the run page."""
 
@@ -184,8 +199,12 @@ class SpanPanel(PageMixin, View):
         if span is None:
             raise Http404
         values = {name: _preview(span[name]) for name in SPAN_FIELDS if span.get(name) not in (None, {}, [])}
-        return render(request, "dashboard/_span_panel.html", {"run": run, "project": project, "span": span,
-                                                              "values": values, "status": display_status(span)})
+        conversation = [(label, _conversation(span[name])) for name, label in (("input_messages", "Input messages"),
+                                                                              ("output_messages", "Output messages"))
+                        if name in values and not values[name]["truncated"]]
+        return render(request, "dashboard/_span_panel.html", {
+            "run": run, "project": project, "span": span, "values": values, "status": display_status(span),
+            "conversation": [(label, msgs) for label, msgs in conversation if msgs]})
 
 
 class SpanField(PageMixin, View):
