@@ -24,7 +24,6 @@
     document.querySelectorAll(".tree li.selected").forEach(function (li) {
       li.classList.remove("selected"); li.removeAttribute("aria-selected");
     });
-    document.querySelectorAll("svg.timeline .sel").forEach(function (r) { r.remove(); });
     if (!selected) return;
     var li = document.querySelector('.tree li[data-span="' + CSS.escape(selected) + '"]');
     if (li) {
