@@ -5,6 +5,8 @@ when requests come one at a time (at most the records of the requests in flight 
 from __future__ import annotations
 
 import json
+import time
+from types import SimpleNamespace
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -22,7 +24,11 @@ def _spans(n: int, prefix: str = "s") -> str:
     return json.dumps([{"span_id": f"{prefix}-{i}", "kind": "llm", "model": "m"} for i in range(n)])
 
 
-def test_a_rest_key_over_its_rate_gets_429_with_retry_after_like_otlp(project, make_key, key_client):
+def test_a_rest_key_over_its_rate_gets_429_with_retry_after_like_otlp(project, make_key, key_client, monkeypatch):
+    # The rate counts fixed one-minute windows: hold the clock mid-window, or 31 requests that straddle
+    # a minute's end are two windows' worth and the last one is (rightly) let through.
+    now = (time.time() // 60) * 60 + 30
+    monkeypatch.setattr(admission, "time", SimpleNamespace(time=lambda: now))
     key, raw = make_key(project, scopes=["ingest"])
     key.rate_limit_per_minute = 30
     key.save(update_fields=["rate_limit_per_minute"])
