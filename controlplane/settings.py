@@ -55,6 +55,7 @@ INSTALLED_APPS = [
     "apps.audit",
     "apps.projects",
     "apps.traces",
+    "apps.budgets",
     "apps.ingest",
     "apps.dashboard",  # the audit UI: pages and live consumers, no models
 ]
@@ -309,3 +310,15 @@ if AUDIT_ANCHOR_WEBHOOK_URL and not AUDIT_ANCHOR_WEBHOOK_URL.lower().startswith(
         f"AUDIT_ANCHOR_WEBHOOK_URL: expected an http(s):// URL, got {AUDIT_ANCHOR_WEBHOOK_URL!r}")
 AUDIT_ANCHOR_WEBHOOK_TIMEOUT = env_float("AUDIT_ANCHOR_WEBHOOK_TIMEOUT", 5, minimum=0.1)
 CELERY_BEAT_SCHEDULE["audit-anchor-tip"] = {"task": "audit.anchor_tip", "schedule": AUDIT_ANCHOR_SECONDS}
+
+# --- Costs -----------------------------------------------------------------------------------------
+# Spend spikes are judged every COSTS_SPIKE_SWEEP_SECONDS (the current and the previous hour of every
+# project with spend); a spike's email goes through Django's mail settings (EMAIL_BACKEND; SMTP via
+# EMAIL_HOST / EMAIL_PORT, default: written to the log).
+COSTS_SPIKE_SWEEP_SECONDS = env_int("COSTS_SPIKE_SWEEP_SECONDS", 60, minimum=1)
+CELERY_BEAT_SCHEDULE["budgets-spikes-detect"] = {"task": "budgets.spikes_detect",
+                                                 "schedule": COSTS_SPIKE_SWEEP_SECONDS}
+EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25, minimum=1)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "controlplane@localhost")

@@ -11,6 +11,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api/v1/", include("apps.projects.urls")),
     path("api/v1/", include("apps.traces.urls")),
+    path("api/v1/", include("apps.budgets.urls")),
     path("v1/traces", otlp_views.traces, name="otlp-traces"),
     path("v1/logs", otlp_views.logs, name="otlp-logs"),
     path("healthz", healthz, name="healthz"),

@@ -39,8 +39,10 @@ from apps.traces.records import (
     MAX_FIELD_BYTES,
     MAX_TOKENS,
     STRICT_JSON,
+    RecordError,
     json_problem,
 )
+from apps.traces.records import cost as record_cost
 
 # OTel status codes
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
@@ -69,6 +71,8 @@ USAGE_ATTRS = {
     "reasoning_tokens": ("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens",
                          "llm.token_count.completion_details.reasoning"),
 }
+# OpenInference's total cost of an LLM call (USD); aggregating spans' costs are never counted.
+COST_ATTR = "llm.cost.total"
 TOTAL_TOKEN_ATTRS = ("gen_ai.usage.total_tokens", "llm.token_count.total")
 PROVIDER_ATTRS = ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system")
 REQUEST_MODEL_ATTRS = ("gen_ai.request.model", "llm.model_name")
@@ -117,6 +121,16 @@ def _int(value: Any) -> int | None:
         return None
     # Out of the record contract's range: not a count, so it stays an attribute, verbatim.
     return out if 0 <= out <= MAX_TOKENS else None
+
+
+def _cost(value: Any) -> str | None:
+    """A reported cost as the record's decimal string; anything else stays an attribute, verbatim."""
+    if value is None:
+        return None
+    try:
+        return record_cost(value, "cost_usd")
+    except RecordError:
+        return None
 
 
 def _float(value: Any) -> float | None:
@@ -380,6 +394,16 @@ def normalise_span(view: dict) -> tuple[dict, dict]:
         if usage:
             used.update(k for k in TOTAL_TOKEN_ATTRS if k in attrs)
             span["usage"] = usage
+        reported = _cost(attrs.get(COST_ATTR))
+        if reported is not None:
+            used.add(COST_ATTR)
+            span["cost_usd"] = reported
+    elif kind == "loop.iteration":
+        # The loop convention's node cost: an iteration is one attempt, its cost its own. (The loop's
+        # total_cost_usd sums its iterations and is never counted.)
+        reported = _cost(attrs.get(LOOP_PREFIX + "iteration.cost_usd"))
+        if reported is not None:
+            span["cost_usd"] = reported
 
     # Messages, current structured/JSON attributes first, then flattened ones, then events.
     indexed = _indexed_messages(attrs, used)

@@ -5,7 +5,7 @@ from django.contrib.auth import get_user_model
 from django.http import Http404
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
-from rest_framework import status
+from rest_framework import serializers, status
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
@@ -151,3 +151,19 @@ class ApiKeyRevokeView(ProjectScopedAPIView):
         self.require_perm(project, "manage_project")
         key = get_object_or_404(ApiKey, pk=key_id, project=project)
         return Response(ApiKeySerializer(services.api_key_revoke(key=key, actor=request.user)).data)
+
+
+class WebhookSecretOut(serializers.Serializer):
+    webhook_secret = serializers.CharField(help_text="Shown once: the key of the HMAC-SHA256 signature on this "
+                                                     "project's webhooks (X-Controlplane-Signature).")
+
+
+class WebhookSecretRotateView(ProjectScopedAPIView):
+    permission_classes = [PersonOnly]
+
+    @extend_schema(request=None, responses={200: WebhookSecretOut, **ERROR_RESPONSES},
+                   summary="Replace the project's webhook signing secret (project admins; shown once, audited)")
+    def post(self, request, slug: str):
+        project = self.get_project(slug)
+        self.require_perm(project, "manage_project")
+        return Response({"webhook_secret": services.webhook_secret_rotate(project=project, actor=request.user)})

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import secrets
+import zoneinfo
 
 from django.conf import settings
 from django.contrib.auth.models import Group
@@ -77,6 +79,44 @@ SLUG_RE = re.compile(SLUG_PATTERN)  # used with fullmatch
 slug_validator = RegexValidator(rf"^{SLUG_PATTERN}$", "Lower-case letters, digits and dashes.")
 
 
+def new_webhook_secret() -> str:
+    return secrets.token_hex(32)
+
+
+def validate_time_zone(name: str) -> None:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValidationError(f"{name!r} is not an IANA time zone name (e.g. Europe/Paris).") from exc
+
+
+MAX_WEBHOOK_PREFIXES = 20
+
+
+def validate_webhook_allowlist(value) -> list[str]:
+    """A list of https:// (or http://) URL prefixes naming at least a host."""
+    if not isinstance(value, list) or len(value) > MAX_WEBHOOK_PREFIXES:
+        raise ValidationError(f"A list of at most {MAX_WEBHOOK_PREFIXES} URL prefixes.")
+    out = []
+    for item in value:
+        if not isinstance(item, str) or len(item) > 500 or not re.fullmatch(r"https?://[^/\s?#]+(/\S*)?", item):
+            raise ValidationError(f"{str(item)[:80]!r} is not an http(s) URL prefix naming a host.")
+        out.append(item)
+    return out
+
+
+def url_allowed(url: str, allowlist: list[str]) -> bool:
+    """A URL is allowed when it starts with a prefix of the list; a prefix naming only a host matches
+    that host exactly (https://a.example never allows https://a.example.evil.com)."""
+    for prefix in allowlist:
+        bare = prefix.rstrip("/") if prefix.count("/") <= 3 else None
+        if bare is not None and (url == bare or url.startswith(bare + "/")):
+            return True
+        if bare is None and url.startswith(prefix):
+            return True
+    return False
+
+
 class Project(models.Model):
     slug = models.SlugField(max_length=63, unique=True, validators=[slug_validator])
     name = models.CharField(max_length=200)
@@ -96,6 +136,17 @@ class Project(models.Model):
         null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(36500)],
         help_text="Delete runs (with their spans and tool calls) this many days after they were last active. "
                   "Empty: the server's default (TRACES_RETENTION_DAYS; 0 there keeps them forever).")
+    time_zone = models.CharField(
+        max_length=64, default="UTC",
+        help_text="IANA time zone (e.g. Europe/Paris) in which this project's days begin and end: cost "
+                  "rollups, spend per day and daily budgets.")
+    webhook_allowlist = models.JSONField(
+        default=list, blank=True,
+        help_text='URL prefixes this project may send webhooks to, e.g. ["https://hooks.example.com/"]. '
+                  "A webhook to any other URL is refused.")
+    webhook_secret = models.CharField(
+        max_length=64, default=new_webhook_secret, editable=False,
+        help_text="Key of the HMAC-SHA256 signature on this project's webhooks (header X-Controlplane-Signature).")
 
     objects = ProjectQuerySet.as_manager()
 
@@ -118,8 +169,20 @@ class Project(models.Model):
                 setattr(self, field, check(getattr(self, field)))
             except redaction.PatternError as exc:
                 errors[field] = str(exc)
+        try:
+            validate_time_zone(self.time_zone)
+        except ValidationError as exc:
+            errors["time_zone"] = exc.messages[0]
+        try:
+            self.webhook_allowlist = validate_webhook_allowlist(self.webhook_allowlist)
+        except ValidationError as exc:
+            errors["webhook_allowlist"] = exc.messages[0]
         if errors:
             raise ValidationError(errors)
+
+    @property
+    def tz(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.time_zone)
 
     def redactor(self) -> redaction.Redactor:
         return redaction.Redactor(self.redaction_patterns, self.redaction_exempt_attributes,

@@ -8,10 +8,10 @@ from rest_framework.exceptions import PermissionDenied
 from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.views import APIView
 
-from apps.common.errors import ErrorCode
+from apps.common.errors import ApiError, ErrorCode
 
 from .access import ProjectAccess, request_access
-from .models import ApiKey, Project
+from .models import SLUG_RE, ApiKey, Project
 
 
 def is_agent(request) -> bool:
@@ -88,3 +88,11 @@ class ProjectScopedAPIView(APIView):
     def require_perm(self, project: Project, perm: str) -> None:
         """A person holding ``projects.<perm>`` on the project; an API key is refused (person_only)."""
         check_project_perm(self.request, project, perm)
+
+
+def project_param(request) -> str | None:
+    """``?project=`` (a slug, for people who see several projects), or None; 400 if it cannot be one."""
+    slug = request.query_params.get("project") or None
+    if slug is not None and not SLUG_RE.fullmatch(slug):
+        raise ApiError(ErrorCode.INVALID_REQUEST, "project must be a project slug.", details={"field": "project"})
+    return slug

@@ -2,7 +2,7 @@ from rest_framework import serializers
 
 from apps.common import redaction
 
-from .models import SLUG_PATTERN, ApiKey, Project, Role, Scope
+from .models import MAX_WEBHOOK_PREFIXES, SLUG_PATTERN, ApiKey, Project, Role, Scope
 
 
 class RedactionPatternSerializer(serializers.Serializer):
@@ -17,7 +17,7 @@ class ProjectSerializer(serializers.ModelSerializer):
     class Meta:
         model = Project
         fields = ["slug", "name", "created_at", "redaction_enabled", "redaction_patterns",
-                  "redaction_exempt_attributes", "retention_days"]
+                  "redaction_exempt_attributes", "retention_days", "time_zone", "webhook_allowlist"]
 
 
 class ProjectUpdateSerializer(serializers.Serializer):
@@ -30,6 +30,11 @@ class ProjectUpdateSerializer(serializers.Serializer):
     retention_days = serializers.IntegerField(
         min_value=1, max_value=36500, allow_null=True, required=False,
         help_text="Days to keep runs after their last activity; null: the server's default.")
+    time_zone = serializers.CharField(max_length=64, required=False,
+                                      help_text="IANA name; the project's days (cost rollups, daily budgets).")
+    webhook_allowlist = serializers.ListField(
+        child=serializers.CharField(max_length=500), required=False, max_length=MAX_WEBHOOK_PREFIXES,
+        help_text="URL prefixes webhooks may be sent to.")
 
 
 class ProjectCreateSerializer(serializers.Serializer):

@@ -16,6 +16,7 @@ from apps.audit.models import AuditEvent
 from apps.audit.services import Actor, audit_record
 from apps.common.errors import ErrorCode
 
+from . import signals
 from .models import (
     API_KEY_LOOKUP_LEN,
     API_KEY_PREFIX,
@@ -26,6 +27,7 @@ from .models import (
     Role,
     Scope,
     hash_api_key,
+    new_webhook_secret,
 )
 
 _ALPHABET = string.ascii_letters + string.digits
@@ -91,12 +93,12 @@ def project_create(*, slug: str, name: str = "", actor=None) -> Project:
 
 
 PROJECT_SETTINGS = ("name", "redaction_enabled", "redaction_patterns", "redaction_exempt_attributes",
-                    "retention_days")
+                    "retention_days", "time_zone", "webhook_allowlist")
 
 
 @transaction.atomic
 def project_update(*, project: Project, actor, **changes) -> Project:
-    """Change a project's settings (name, redaction, retention). Validated by ``Project.clean``; audited with
+    """Change a project's settings (name, redaction, retention, time zone, webhook allowlist). Validated by ``Project.clean``; audited with
     the fields that changed, before and after. Returns the project (unchanged: nothing audited)."""
     unknown = set(changes) - set(PROJECT_SETTINGS)
     if unknown:
@@ -112,7 +114,17 @@ def project_update(*, project: Project, actor, **changes) -> Project:
         project.save(update_fields=changed)
         _audit(actor, project, "project.updated", project, before={f: before[f] for f in changed},
                after={f: after[f] for f in changed})
+        signals.project_updated.send(sender=Project, project=project, changed=changed)
     return project
+
+
+@transaction.atomic
+def webhook_secret_rotate(*, project: Project, actor) -> str:
+    """A new signing secret for the project's webhooks (returned once; the audit row never holds it)."""
+    secret = new_webhook_secret()
+    Project.objects.filter(pk=project.pk).update(webhook_secret=secret)
+    _audit(actor, project, "project.webhook_secret_rotated", project)
+    return secret
 
 
 @transaction.atomic

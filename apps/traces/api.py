@@ -20,10 +20,9 @@ from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
-from apps.common.api import ERROR_RESPONSES
+from apps.common.api import ERROR_RESPONSES, query_params
 from apps.common.errors import ApiError, ErrorCode, ErrorSerializer
-from apps.projects.models import SLUG_RE
-from apps.projects.permissions import ProjectScopedAPIView, is_agent, require_scope
+from apps.projects.permissions import ProjectScopedAPIView, is_agent, project_param, require_scope
 
 from . import admission, records, selectors, services
 from .records import RecordError
@@ -143,29 +142,11 @@ class SessionCursor(RunCursor):
     ordering = ("started_at", "id")
 
 
-def _project_param(request) -> str | None:
-    slug = request.query_params.get("project") or None
-    if slug is not None and not SLUG_RE.fullmatch(slug):
-        raise ApiError(ErrorCode.INVALID_REQUEST, "project must be a project slug.", details={"field": "project"})
-    return slug
-
-
 def _path_id(value: str, *, max_len: int = 128) -> str:
     """A run id from the path: one that could never have been stored is simply not found."""
     if len(value) > max_len or not records.ID_RE.fullmatch(value):
         raise NotFound
     return value
-
-
-def _query(serializer_class, request) -> dict[str, Any]:
-    """Validated query parameters; the first one at fault is named in ``details.field`` (400)."""
-    params = serializer_class(data=request.query_params)
-    if not params.is_valid():
-        field, messages = next(iter(params.errors.items()))
-        message = messages[0] if isinstance(messages, list) else next(iter(messages.values()))[0]
-        raise ApiError(ErrorCode.INVALID_REQUEST, f"{field}: {message}",
-                       details={"field": field, "fields": params.errors})
-    return params.validated_data
 
 
 class RunListView(ProjectScopedAPIView):
@@ -175,7 +156,7 @@ class RunListView(ProjectScopedAPIView):
                    responses={200: RunOut(many=True), **ERROR_RESPONSES})
     def get(self, request):
         require_scope(request, "read")
-        filters = _query(RunFilterSerializer, request)
+        filters = query_params(RunFilterSerializer, request)
         paginator = RunCursor()
         page = paginator.paginate_queryset(selectors.run_list(principal=request.user, filters=filters), request, self)
         return paginator.get_paginated_response(RunOut(page, many=True).data)
@@ -199,7 +180,7 @@ class RunDetailView(ProjectScopedAPIView):
     def get(self, request, run_id: str):
         require_scope(request, "read")
         run, detail = selectors.run_detail(principal=request.user, run_id=_path_id(run_id),
-                                           project_slug=_project_param(request))
+                                           project_slug=project_param(request))
         return Response({**RunOut(run).data, **detail})
 
 
@@ -259,7 +240,7 @@ class SessionRunsView(ProjectScopedAPIView):
         paginator = SessionCursor()
         page = paginator.paginate_queryset(
             selectors.session_runs(principal=request.user, session_id=_session_id(session_id),
-                                   project_slug=_project_param(request)), request, self)
+                                   project_slug=project_param(request)), request, self)
         return paginator.get_paginated_response(RunOut(page, many=True).data)
 
 
@@ -270,7 +251,7 @@ class AgentListView(ProjectScopedAPIView):
                    parameters=[AgentFilterSerializer], responses={200: AgentListOut, **ERROR_RESPONSES})
     def get(self, request):
         require_scope(request, "read")
-        params = _query(AgentFilterSerializer, request)
+        params = query_params(AgentFilterSerializer, request)
         since = params.get("since") or timezone.now() - selectors.AGENT_STATS_WINDOW
         rows = selectors.agent_stats(principal=self.access, project_slug=params.get("project"), since=since,
                                      until=params.get("until"))
@@ -285,7 +266,7 @@ class SessionDetailView(ProjectScopedAPIView):
     def get(self, request, session_id: str):
         require_scope(request, "read")
         session = selectors.session_detail(principal=self.access, session_id=_session_id(session_id),
-                                           project_slug=_project_param(request))
+                                           project_slug=project_param(request))
         return Response(SessionOut(session).data)
 
 
@@ -297,5 +278,5 @@ class SessionToolCallsView(ProjectScopedAPIView):
         paginator = SessionCursor()
         page = paginator.paginate_queryset(
             selectors.session_tool_calls(principal=self.access, session_id=_session_id(session_id),
-                                         project_slug=_project_param(request)), request, self)
+                                         project_slug=project_param(request)), request, self)
         return paginator.get_paginated_response(SessionToolCallOut(page, many=True).data)

@@ -8,6 +8,7 @@ projection (``projection``); they can be recomputed from the log (``services.run
 from __future__ import annotations
 
 import uuid
+from decimal import Decimal
 
 from django.db import models
 from django.db.models import Q
@@ -41,6 +42,10 @@ class SpanStatus(models.TextChoices):
     ERROR = "error"
     UNSET = "unset"
 
+
+# Money is counted in nano-USD integers wherever it is summed: a price per million tokens with up to
+# three decimals (all of genai-prices' are) costs a whole number of nano-USD per token, so sums are exact.
+NANOS_PER_USD = 10**9
 
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 
@@ -207,7 +212,10 @@ class Run(models.Model):
     cache_read_tokens = models.BigIntegerField(default=0)
     cache_write_tokens = models.BigIntegerField(default=0)
     reasoning_tokens = models.BigIntegerField(default=0)
-    cost_usd = models.DecimalField(max_digits=18, decimal_places=8, null=True, blank=True)
+    cost_usd = models.DecimalField(
+        max_digits=20, decimal_places=9, null=True, blank=True,
+        help_text="The sum of this run's spans' costs (not its child runs'), kept by the costs app as spans "
+                  "are projected; empty while no span of it was priced.")
     error_code = models.CharField(max_length=100, blank=True)
     error_details = models.JSONField(null=True, blank=True)
     failing_span_id = models.CharField(max_length=64, blank=True)
@@ -260,6 +268,11 @@ class Run(models.Model):
         return cache_hit_rate(self.input_tokens, self.cache_read_tokens, self.cache_write_tokens)
 
     # --- the row's invariants: what each record does to a run (the projection calls these, then saves) ---
+
+    def add_cost(self, delta_nanos: int) -> None:
+        """Move the run's cost by a span's change in cost (nano-USD: exact, see the costs app)."""
+        nanos = round((self.cost_usd or Decimal(0)) * NANOS_PER_USD) + delta_nanos
+        self.cost_usd = Decimal(nanos).scaleb(-9)
 
     def revive_if_lost(self) -> bool:
         """Declared LOST by housekeeping, yet something new came: it is alive after all."""
@@ -386,6 +399,10 @@ class Span(models.Model):
     cache_read_tokens = models.BigIntegerField(null=True, blank=True)
     cache_write_tokens = models.BigIntegerField(null=True, blank=True)
     reasoning_tokens = models.BigIntegerField(null=True, blank=True)
+    cost_usd = models.DecimalField(
+        max_digits=16, decimal_places=9, null=True, blank=True,
+        help_text="The cost the producer reported for this span (OpenInference llm.cost.total, the loop "
+                  "convention's iteration cost, a REST cost_usd); what it was priced at is the costs app's.")
     time_to_first_token_ms = models.FloatField(null=True, blank=True)
     stream_chunks = models.PositiveIntegerField(null=True, blank=True)
     output_tokens_per_second = models.FloatField(null=True, blank=True)

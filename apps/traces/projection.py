@@ -170,6 +170,7 @@ class _Application:
         self.span_rows: list[dict] = []
         self.update_rows: list[dict] = []
         self.parent_refs: dict[str, str] = {}
+        self.projected: list[signals.SpanChange] = []
 
     def run(self) -> None:
         self.lock_runs()
@@ -179,6 +180,7 @@ class _Application:
         span_pks = self.store_log()
         self.fold_spans(span_pks)
         self.link_runs()
+        self.tell_listeners()
         self.settle_runs()
 
     def lock_runs(self) -> None:
@@ -320,8 +322,7 @@ class _Application:
         if tools_changed:
             ToolCall.objects.bulk_update(tools_changed, ["name", "call_id", "arguments", "result", "status",
                                                          "latency_ms", "error", "started_at"])
-        if projected:
-            signals.spans_projected.send(sender=Run, project_id=self.project_id, changes=projected)
+        self.projected = projected
 
     def link_runs(self) -> None:
         """Links between runs, in both arrival orders (a child may name its parent before it exists)."""
@@ -337,6 +338,15 @@ class _Application:
             for child in waiting:
                 child.parent_run_id = self.runs[child.parent_run_ref].pk
             Run.objects.bulk_update(waiting, ["parent_run"])
+
+    def tell_listeners(self) -> None:
+        """``spans_projected``: the spans this application changed and the runs it touched, as they
+        stand once every record is applied (a receiver may move a run's cost; ``settle_runs`` saves it)."""
+        if signals.spans_projected.has_listeners(Run):
+            runs = [self.runs[r] for r in self.dirty]
+            if self.projected or runs:
+                signals.spans_projected.send(sender=Run, project_id=self.project_id, changes=self.projected,
+                                             runs=runs)
 
     def settle_runs(self) -> None:
         """Derived run fields (duration, a derived outcome, the failing span), then save the runs."""
@@ -354,7 +364,7 @@ class _Application:
 RUN_FIELDS = ["agent_name", "agent_version", "end_user", "api_key", "session_id", "parent_run", "parent_run_ref",
               "status", "start_received", "started_at", "ended_at", "duration_ms", "input", "output", "metadata",
               "models_used", "providers_used", *TOKEN_FIELDS, "error_code", "error_details", "failing_span_id",
-              "span_count", "error_span_count", "last_span_at", "derive_status", "has_loop", "updated_at"]
+              "span_count", "error_span_count", "last_span_at", "derive_status", "has_loop", "cost_usd", "updated_at"]
 
 
 def failing_spans(run_pks: list[int]) -> dict[int, str]:

@@ -20,6 +20,7 @@ import math
 import re
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, Required, TypedDict
 
 from django.conf import settings
@@ -135,6 +136,15 @@ class Event(TypedDict, total=False):
     attributes: dict[str, Any]  # JSON object, kept verbatim
 
 
+MAX_COST_USD = 10**6  # one span's reported cost
+_NANO = Decimal("1e-9")
+
+
+def format_cost(value: Decimal) -> str:
+    """A cost in the canonical record: a decimal string in USD with nine places (nano-USD)."""
+    return str(value.quantize(_NANO))
+
+
 class _SpanBody(TypedDict, total=False):
     """The span object's fields other than its identity, in a span record and in an update:
 
@@ -147,7 +157,8 @@ class _SpanBody(TypedDict, total=False):
       convention's values under ``loop``, ``graph_node``, ``evaluations``, ``links``);
     * a model call: ``provider``, ``model`` (requested), ``response_model``, ``endpoint`` (text),
       ``usage``, ``time_to_first_token_ms`` (finite, not negative), ``stream``,
-      ``input_messages`` / ``output_messages`` (JSON);
+      ``input_messages`` / ``output_messages`` (JSON); ``cost_usd``: what the producer says the call
+      cost (a decimal string, USD, nine places; REST and OTLP accept a number too);
     * ``tool``; ``attributes`` (JSON object: what no field above took, verbatim); ``events``.
     """
 
@@ -165,6 +176,7 @@ class _SpanBody(TypedDict, total=False):
     response_model: str
     endpoint: str
     usage: Usage
+    cost_usd: str
     time_to_first_token_ms: float
     stream: Stream
     input_messages: Any
@@ -455,6 +467,19 @@ def _number(value: Any, field: str) -> float | None:
     return float(value)
 
 
+def cost(value: Any, field: str) -> str:
+    """A reported cost in USD (a number or a decimal string), 0..MAX_COST_USD, kept to nine places."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise RecordError(field, "must be a number or a decimal string (USD).")
+    try:
+        amount = Decimal(str(value).strip()) if isinstance(value, str) else Decimal(repr(value))
+    except InvalidOperation:
+        raise RecordError(field, "must be a number or a decimal string (USD).") from None
+    if not amount.is_finite() or amount < 0 or amount > MAX_COST_USD:
+        raise RecordError(field, f"must be a finite amount of USD, 0..{MAX_COST_USD}.")
+    return format_cost(amount)
+
+
 def _blob(value: Any, field: str) -> Any:
     """Free JSON (inputs, outputs, messages): bounded in size and depth so one field cannot swamp
     the store, and nothing in it that the database refuses."""
@@ -599,6 +624,8 @@ def _span_fields(data: dict, prefix: str, *, partial: bool) -> dict:
         out["usage"] = _usage(data["usage"], f"{p}usage")
     if data.get("time_to_first_token_ms") is not None:
         out["time_to_first_token_ms"] = _number(data["time_to_first_token_ms"], f"{p}time_to_first_token_ms")
+    if data.get("cost_usd") is not None:
+        out["cost_usd"] = cost(data["cost_usd"], f"{p}cost_usd")
     if data.get("stream") is not None:
         stream = _obj(data["stream"], f"{p}stream")
         out["stream"] = {k: v for k, v in {

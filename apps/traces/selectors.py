@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.db import connection
@@ -214,6 +215,7 @@ def _span_out(eff: dict, *, updated: bool) -> dict:
         "response_model": eff.get("response_model", ""), "endpoint": eff.get("endpoint", ""),
         "usage": {k: usage.get(k) for k in TOKEN_FIELDS} if usage else None,
         "time_to_first_token_ms": eff.get("time_to_first_token_ms"), "stream": eff.get("stream"),
+        "cost_usd": eff.get("cost_usd"),
         "input_messages": eff.get("input_messages"), "output_messages": eff.get("output_messages"),
         "tool": eff.get("tool"), "attributes": eff.get("attributes") or {}, "events": eff.get("events") or [],
         "updated": updated,
@@ -282,6 +284,15 @@ def run_tool_calls(run: Run) -> list[dict]:
 
 def run_children(run: Run) -> list[str]:
     return list(Run.objects.filter(parent_run=run).order_by("started_at", "id").values_list("run_id", flat=True))
+
+
+def child_runs_cost(run: Run) -> dict[str, Any]:
+    """The runs this run started and their own costs, with their sum: shown beside a run's cost, never
+    added into it (each run's cost is its own spans')."""
+    runs = [{"run_id": rid, "cost_usd": cost} for rid, cost in Run.objects.filter(parent_run=run)
+            .order_by("started_at", "id").values_list("run_id", "cost_usd")]
+    priced = [r["cost_usd"] for r in runs if r["cost_usd"] is not None]
+    return {"runs": runs, "cost_usd": sum(priced, Decimal(0)) if priced else None}
 
 
 def run_usage(run: Run) -> dict[str, int]:

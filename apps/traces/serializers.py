@@ -94,7 +94,12 @@ class SpanIn(serializers.Serializer):
     model = serializers.CharField(required=False, max_length=MAX_CHARS["model"])
     response_model = serializers.CharField(required=False, max_length=MAX_CHARS["response_model"])
     endpoint = serializers.CharField(required=False, max_length=MAX_CHARS["endpoint"])
-    usage = UsageIn(required=False)
+    usage = UsageIn(required=False, help_text="input_tokens counts the whole prompt, cached tokens included "
+                                                "(the GenAI conventions'; a count below the cache tokens is "
+                                                "taken as excluding them, Anthropic's).")
+    cost_usd = serializers.DecimalField(required=False, max_digits=16, decimal_places=9, min_value=0,
+                                        help_text="What the call cost, if you know it (USD). Recorded as a "
+                                                  "reported cost, compared with what the tokens would cost.")
     time_to_first_token_ms = serializers.FloatField(required=False, min_value=0)
     stream = StreamIn(required=False)
     input_messages = serializers.JSONField(required=False)
@@ -221,7 +226,8 @@ class RunOut(serializers.Serializer):
     models_used = serializers.ListField(child=serializers.CharField())
     providers_used = serializers.ListField(child=serializers.CharField())
     usage = serializers.SerializerMethodField()
-    cost_usd = serializers.DecimalField(max_digits=18, decimal_places=8, allow_null=True)
+    cost_usd = serializers.DecimalField(max_digits=20, decimal_places=9, allow_null=True,
+                                        help_text="The run's own cost (its spans'), not its child runs'.")
     error_code = serializers.CharField()
     failing_span_id = serializers.CharField()
     span_count = serializers.IntegerField()
@@ -298,6 +304,7 @@ class SpanOut(serializers.Serializer):
     response_model = serializers.CharField()
     endpoint = serializers.CharField()
     usage = UsageIn(allow_null=True)
+    cost_usd = serializers.CharField(allow_null=True, help_text="The cost the producer reported (USD), if any.")
     time_to_first_token_ms = serializers.FloatField(allow_null=True)
     stream = StreamIn(allow_null=True)
     input_messages = serializers.JSONField(allow_null=True)

@@ -8,10 +8,11 @@ check (``services.run_totals_compute``) all use them.
 from __future__ import annotations
 
 from collections import defaultdict
+from decimal import Decimal
 from typing import Any
 
 from .models import TOKEN_FIELDS, Run, Span, SpanUpdate, ToolCall
-from .records import parse_time
+from .records import format_cost, parse_time
 
 
 def span_to_record(span: Span) -> dict:
@@ -32,6 +33,8 @@ def span_to_record(span: Span) -> dict:
     for key in ("details", "input_messages", "output_messages", "time_to_first_token_ms", "tool"):
         if getattr(span, key) is not None:
             rec[key] = getattr(span, key)
+    if span.cost_usd is not None:
+        rec["cost_usd"] = format_cost(span.cost_usd)
     usage = {k: getattr(span, k) for k in TOKEN_FIELDS if getattr(span, k) is not None}
     if usage:
         rec["usage"] = usage
@@ -72,6 +75,7 @@ def span_row(rec: dict, *, project_id: int, run: Run, trace_id: str, batch_id: i
         "action": rec.get("action", ""), "details": rec.get("details"), "provider": rec.get("provider", ""),
         "request_model": rec.get("model", ""), "response_model": rec.get("response_model", ""),
         "endpoint": rec.get("endpoint", ""), "time_to_first_token_ms": rec.get("time_to_first_token_ms"),
+        "cost_usd": Decimal(rec["cost_usd"]) if rec.get("cost_usd") is not None else None,
         "stream_chunks": stream.get("chunks"), "output_tokens_per_second": stream.get("output_tokens_per_second"),
         "input_messages": rec.get("input_messages"), "output_messages": rec.get("output_messages"),
         "tool": rec.get("tool"), "attributes": rec.get("attributes") or {}, "events": rec.get("events") or [],

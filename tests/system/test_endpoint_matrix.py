@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import date, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,6 +25,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from apps.audit.models import AuditEvent
+from apps.budgets.models import CostSettings, CostSpike, PriceOverride
 from apps.projects.admin import ScopedAdminMixin
 from apps.traces.models import DeadRecord, IngestBatch
 from tests.ingest import builders as otlp_builders
@@ -100,6 +101,8 @@ MATRIX: dict[tuple[str, str], Endpoint] = {
                                           body={"name": "new", "scopes": ["read"]}),
     ("POST", f"{PROJECT}/keys/<int:key_id>/revoke"): Endpoint(
         PERSON_WRITE, "api/v1/projects/{slug}/keys/{key_id}/revoke", perm="manage_project"),
+    ("POST", f"{PROJECT}/webhook-secret"): Endpoint(PERSON_WRITE, "api/v1/projects/{slug}/webhook-secret",
+                                                    perm="manage_project"),
     # the run log
     ("GET", "api/v1/runs"): Endpoint(LIST, "api/v1/runs", scope="read", marker="{run_id}"),
     ("POST", "api/v1/runs"): Endpoint(KEY_WRITE, "api/v1/runs", scope="ingest",
@@ -117,6 +120,24 @@ MATRIX: dict[tuple[str, str], Endpoint] = {
     ("GET", "api/v1/sessions/<str:session_id>"): Endpoint(READ, "api/v1/sessions/{session_id}", scope="read"),
     ("GET", "api/v1/sessions/<str:session_id>/tool-calls"): Endpoint(LIST, "api/v1/sessions/{session_id}/tool-calls",
                                                                      scope="read", marker="acme-lookup"),
+    # costs
+    ("GET", "api/v1/costs"): Endpoint(LIST, "api/v1/costs?group_by=project,model", scope="read", marker='"acme"'),
+    ("GET", "api/v1/costs/unpriced"): Endpoint(LIST, "api/v1/costs/unpriced", scope="read", marker="acme-model"),
+    ("GET", "api/v1/costs/spikes"): Endpoint(LIST, "api/v1/costs/spikes", scope="read", marker='"acme"'),
+    ("GET", f"{RUN}/costs"): Endpoint(READ, "api/v1/runs/{run_id}/costs", scope="read"),
+    ("GET", f"{PROJECT}/price-overrides"): Endpoint(READ, "api/v1/projects/{slug}/price-overrides", scope="read"),
+    ("POST", f"{PROJECT}/price-overrides"): Endpoint(
+        PERSON_WRITE, "api/v1/projects/{slug}/price-overrides", perm="change_project",
+        body={"model_pattern": "new-model-*", "effective_from": "2026-01-01", "input_per_mtok": "1",
+              "output_per_mtok": "2"}),
+    ("PATCH", f"{PROJECT}/price-overrides/<int:override_id>"): Endpoint(
+        PERSON_WRITE, "api/v1/projects/{slug}/price-overrides/{override_id}", perm="change_project",
+        body={"note": "contract rate"}),
+    ("DELETE", f"{PROJECT}/price-overrides/<int:override_id>"): Endpoint(
+        PERSON_WRITE, "api/v1/projects/{slug}/price-overrides/{override_id}", perm="change_project"),
+    ("GET", f"{PROJECT}/cost-settings"): Endpoint(READ, "api/v1/projects/{slug}/cost-settings", scope="read"),
+    ("PATCH", f"{PROJECT}/cost-settings"): Endpoint(PERSON_WRITE, "api/v1/projects/{slug}/cost-settings",
+                                                    perm="change_project", body={"spike_factor": "4"}),
     # OTLP/HTTP: keys only (a person's session is not read there: 401)
     ("POST", "v1/traces"): Endpoint(KEY_WRITE, "v1/traces", scope="ingest", body=_otlp_traces(),
                                     person=(401, "not_authenticated")),
@@ -212,10 +233,19 @@ def world(project, other_project, alice, bob, charlie, make_key, key_client, cli
         assert agent.post("/api/v1/runs", {"run_id": run, "session_id": f"{name}-session", "started_at": recent(0)},
                           format="json").status_code == 202
         assert agent.post(f"/api/v1/runs/{run}/spans", [
-            {"span_id": f"{name}-span-1", "kind": "llm", "start_time": recent(1)},
+            {"span_id": f"{name}-span-1", "kind": "llm", "start_time": recent(1), "end_time": recent(2),
+             "provider": "openai", "model": f"{name}-model", "usage": {"input_tokens": 10}},  # unpriced: a cost row
             {"span_id": f"{name}-tool-1", "kind": "tool", "tool": {"name": f"{name}-lookup"}, "start_time": recent(2),
              "end_time": recent(3), "status": "ok"}], format="json").status_code == 202
     drain()
+    overrides = {}
+    for p in (project, other_project):  # after the spans: they stay unpriced
+        overrides[p.slug] = PriceOverride.objects.create(project=p, model_pattern="other-*",
+                                                         effective_from=date(2026, 1, 1), input_per_mtok=1,
+                                                         output_per_mtok=2)
+        CostSpike.objects.create(project=p, period="hour", day=date(2026, 11, 22), hour=14, scope="project",
+                                 value="", spend_nanos=10**10, baseline_nanos=10**9, factor=3)
+        CostSettings.objects.create(project=p)
 
     def key(scopes, proj=None) -> APIClient:
         return key_client(make_key(proj or project, scopes=list(scopes), name="probe")[1])
@@ -225,7 +255,8 @@ def world(project, other_project, alice, bob, charlie, make_key, key_client, cli
         person=client_for, anonymous=APIClient(),
         root=django_user_model.objects.create_superuser("root", password="pw-root"),
         values={"slug": "acme", "key_id": acme_key.pk, "run_id": "acme-run-1", "span_id": "acme-span-1",
-                "tool_span_id": "acme-tool-1", "session_id": "acme-session"})
+                "tool_span_id": "acme-tool-1", "session_id": "acme-session",
+                "override_id": overrides["acme"].pk})
 
 
 def _call(client, method: str, e: Endpoint, world):
@@ -498,6 +529,12 @@ ADMIN_MATRIX: dict[str, AdminEntry] = {
     "traces.ToolCall": RUN_LOG,
     "traces.IngestBatch": RUN_LOG,
     "traces.DeadRecord": RUN_LOG,
+    # costs: derived rows read-only for every role; prices and settings edited by project admins
+    "budgets.SpanCost": RUN_LOG,
+    "budgets.CostDay": RUN_LOG,
+    "budgets.CostSpike": RUN_LOG,
+    "budgets.PriceOverride": AdminEntry(scoped=True, view_by_role=True),
+    "budgets.CostSettings": AdminEntry(scoped=True, view_by_role=True),
 }
 
 

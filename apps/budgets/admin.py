@@ -1,0 +1,124 @@
+"""Costs in the admin: price overrides and cost settings edited by project admins (through the
+audited services), the priced spans, day rollups and spikes read-only for every role."""
+from __future__ import annotations
+
+from django.contrib import admin
+from django.core.exceptions import PermissionDenied
+
+from apps.projects.admin import ScopedAdminMixin, VisibleProjectFilter
+
+from . import services
+from .models import CostDay, CostSettings, CostSpike, PriceOverride, SpanCost
+
+
+class ProjectAdminEdits(ScopedAdminMixin, admin.ModelAdmin):
+    """Visible to every role of the row's project; added, changed and deleted by its admins only."""
+
+    view_by_role = True
+
+    def _may_change(self, request, obj=None) -> bool:
+        return self.holds_perm(request, "change_project", obj.project_id if obj is not None else None)
+
+    def has_add_permission(self, request):
+        return self._may_change(request)
+
+    def has_change_permission(self, request, obj=None):
+        return self._may_change(request, obj)
+
+    def has_delete_permission(self, request, obj=None):
+        return self._may_change(request, obj)
+
+    def _check(self, request, obj) -> None:
+        if not self._may_change(request, obj):
+            raise PermissionDenied
+
+
+@admin.register(PriceOverride)
+class PriceOverrideAdmin(ProjectAdminEdits):
+    list_display = ("project", "provider", "model_pattern", "effective_from", "input_per_mtok", "output_per_mtok",
+                    "cache_read_per_mtok", "cache_write_per_mtok", "reasoning_per_mtok", "note")
+    list_filter = (VisibleProjectFilter, "provider")
+    search_fields = ("model_pattern", "provider", "note")
+    fields = ("project", "provider", "model_pattern", "effective_from", "input_per_mtok", "output_per_mtok",
+              "cache_read_per_mtok", "cache_write_per_mtok", "reasoning_per_mtok", "note")
+
+    def save_model(self, request, obj, form, change):
+        self._check(request, obj)
+        values = {f: form.cleaned_data[f] for f in services.OVERRIDE_FIELDS if f in form.cleaned_data}
+        if change:
+            services.price_override_update(override=obj, actor=request.user, **values)
+        else:
+            created = services.price_override_create(project=form.cleaned_data["project"], actor=request.user,
+                                                     **values)
+            obj.pk = created.pk
+
+    def delete_model(self, request, obj):
+        self._check(request, obj)
+        services.price_override_delete(override=obj, actor=request.user)
+
+    def delete_queryset(self, request, queryset):
+        for obj in queryset:
+            self.delete_model(request, obj)
+
+
+@admin.register(CostSettings)
+class CostSettingsAdmin(ProjectAdminEdits):
+    list_display = ("project", "spike_factor", "spike_baseline_days", "spike_min_usd", "disagreement_margin",
+                    "webhook_url")
+    fields = ("project", *CostSettings.FIELDS)
+
+    def save_model(self, request, obj, form, change):
+        self._check(request, obj)
+        created = services.cost_settings_update(project=form.cleaned_data["project"], actor=request.user,
+                                                **{f: form.cleaned_data[f] for f in CostSettings.FIELDS})
+        obj.pk = created.pk
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+class ReadOnlyCosts(ScopedAdminMixin, admin.ModelAdmin):
+    """Derived from the run log: read-only for everyone, visible to every role."""
+
+    view_by_role = True
+    list_per_page = 100
+    show_full_result_count = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in self.model._meta.fields]
+
+
+@admin.register(SpanCost)
+class SpanCostAdmin(ReadOnlyCosts):
+    list_display = ("day", "project", "run", "span_id", "model", "provider", "source", "cost_usd", "disagreement",
+                    "price_ref")
+    list_filter = (VisibleProjectFilter, "source", "disagreement")
+    search_fields = ("model", "span_id", "end_user", "agent_name")
+    list_select_related = ("project", "run")
+
+
+@admin.register(CostDay)
+class CostDayAdmin(ReadOnlyCosts):
+    list_display = ("day", "project", "agent_name", "agent_version", "model", "provider", "cost_usd", "calls",
+                    "unpriced_calls")
+    list_filter = (VisibleProjectFilter,)
+    search_fields = ("agent_name", "model")
+    list_select_related = ("project",)
+    ordering = ("-day", "-cost_nanos")
+
+
+@admin.register(CostSpike)
+class CostSpikeAdmin(ReadOnlyCosts):
+    list_display = ("detected_at", "project", "period", "day", "hour", "scope", "value", "spend_usd",
+                    "baseline_usd", "factor", "webhook_status", "email_status")
+    list_filter = (VisibleProjectFilter, "period", "scope")
+    list_select_related = ("project",)
