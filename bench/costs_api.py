@@ -4,7 +4,7 @@ by day and agent over 90 days and 1,000,000 runs, under 200 ms).
 
 Seeds PostgreSQL directly with the rollup rows that --runs runs of three model calls each spread over
 --days days produce (20 agents in 3 versions, 5,000 end users, 4 keys, 9 models of 4 providers):
-``CostDay`` (no end user) and ``CostDayUser`` (with), exactly as the projection would have summed
+``CostDay`` (no end user), ``CostDayUser`` (with) and ``CostDayEndUser`` (end users alone), exactly as the projection would have summed
 them, then asks the API through Django's test client in this process (authentication, view,
 selector, serializer; no network) --repeat times per query, with an API key, and prints the median
 and 95th percentile server time, the query count and the rows returned.
@@ -82,6 +82,10 @@ def _seed(args) -> str:
                       SELECT %(p)s, day, end_user, agent, version, key_id, model, provider, {measures}
                       FROM ({calls}) x GROUP BY day, end_user, agent, version, key_id, model, provider""",
                   {"p": project.pk, "n": args.runs, "days": args.days})
+        c.execute(f"""INSERT INTO budgets_costdayenduser (project_id, day, end_user, {cols})
+                      SELECT %(p)s, day, end_user, {measures}
+                      FROM ({calls}) x GROUP BY day, end_user""",
+                  {"p": project.pk, "n": args.runs, "days": args.days})
         c.execute("ANALYZE")
         c.execute("SELECT (SELECT count(*) FROM budgets_costday), (SELECT count(*) FROM budgets_costdayuser)")
         day_rows, user_rows = c.fetchone()
@@ -108,7 +112,8 @@ def _measure(args, raw: str) -> dict:
         f"by day, {args.days} days": f"/api/v1/costs?group_by=day&{span}",
         f"by agent, version and model, {args.days} days": f"/api/v1/costs?group_by=agent,version,model&{span}",
         f"by day and model, one agent, {args.days} days": f"/api/v1/costs?group_by=day,model&agent=agent-7&{span}",
-        f"by end user (top rows), {args.days} days": f"/api/v1/costs?group_by=end_user&{span}",
+        f"by end user, {args.days} days": f"/api/v1/costs?group_by=end_user&{span}",
+        f"by end user and model, {args.days} days": f"/api/v1/costs?group_by=end_user,model&{span}",
         "by day and agent, 7 days": f"/api/v1/costs?group_by=day,agent&since={until - timedelta(days=6)}",
         "one end user by day and model, 90 days": f"/api/v1/costs?group_by=day,model&end_user=user-42&{span}",
     }

@@ -6,7 +6,7 @@ a million spans is too, on PostgreSQL and SQLite alike (SQLite's decimals are fl
 
 ``SpanCost`` is one priced span (a model call, or a span that reported its cost): what it cost, how
 that was decided (``source``), and the run's attribution (agent, version, end user, key) it was
-rolled up under. The rollups (``CostDay``, ``CostDayUser``, ``CostHour``) are sums of those rows,
+rolled up under. The rollups (``CostDay``, ``CostDayUser``, ``CostDayEndUser``, ``CostHour``) are sums of those rows,
 kept in step inside the projection's transaction (``rollups.py``) and re-derivable from the spans by
 ``manage.py costs_rederive``. Days and hours are the project's (``Project.time_zone``).
 """
@@ -249,6 +249,21 @@ class CostDayUser(_RollupMeasures):
                                                        "api_key_id", "model", "provider"],
                                                name="budgets_costdayuser_key")]
         indexes = [models.Index(fields=["project", "end_user", "day"], name="budgets_costdayuser_user")]
+
+
+class CostDayEndUser(_RollupMeasures):
+    """Spend per project day and end user alone: "who spent most" over weeks reads one row per user and
+    day here, where ``CostDayUser`` holds one per user, day, agent, version, key and model."""
+
+    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="+")
+    day = models.DateField()
+    end_user = models.CharField(max_length=256, blank=True)
+
+    KEY = ("project_id", "day", "end_user")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["project", "day", "end_user"],
+                                               name="budgets_costdayenduser_key")]
 
 
 class CostHour(models.Model):

@@ -21,7 +21,7 @@ from django.db.models import Sum
 from apps.projects.models import Project
 from apps.traces import services as traces
 
-from .models import CostDay, CostDayUser, CostHour, SpanCost
+from .models import CostDay, CostDayEndUser, CostDayUser, CostHour, SpanCost
 from .rollups import (
     _ROW_FIELDS,
     HOUR_MEASURES,
@@ -98,6 +98,7 @@ def _repair_rollups(project: Project, day: date, report: Counter) -> None:
         deltas.add(_as_row(sc), +1)
     for model, want, measures, name in ((CostDay, deltas.day, MEASURES, "day_rollups"),
                                         (CostDayUser, deltas.day_user, MEASURES, "day_user_rollups"),
+                                        (CostDayEndUser, deltas.day_end_user, MEASURES, "day_end_user_rollups"),
                                         (CostHour, deltas.hour, HOUR_MEASURES, "hour_rollups")):
         have = {tuple(getattr(r, k) for k in model.KEY): r for r in model.objects.filter(project=project, day=day)}
         for key, values in want.items():

@@ -26,7 +26,7 @@ from apps.projects.models import Project
 from apps.traces.models import Span
 from apps.traces.records import parse_time
 
-from .models import CostDay, CostDayUser, CostHour, CostSettings, SpanCost
+from .models import CostDay, CostDayEndUser, CostDayUser, CostHour, CostSettings, SpanCost
 from .pricing import AGGREGATE_KINDS, LOOP_ITERATION, Priced, Pricer, priced_model
 from .pricing import is_model_call as pricing_is_call
 
@@ -81,6 +81,7 @@ class Deltas:
     def __init__(self) -> None:
         self.day: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(MEASURES))
         self.day_user: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(MEASURES))
+        self.day_end_user: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(MEASURES))
         self.hour: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(HOUR_MEASURES))
 
     def add(self, row: dict, sign: int) -> None:
@@ -91,7 +92,8 @@ class Deltas:
         for table, key in ((self.day, (p, d, row["agent_name"], row["agent_version"], row["api_key_id"],
                                        row["model"], row["provider"])),
                            (self.day_user, (p, d, row["end_user"], row["agent_name"], row["agent_version"],
-                                            row["api_key_id"], row["model"], row["provider"]))):
+                                            row["api_key_id"], row["model"], row["provider"])),
+                           (self.day_end_user, (p, d, row["end_user"]))):
             acc = table[key]
             for i, v in enumerate(values):
                 acc[i] += v
@@ -106,6 +108,7 @@ class Deltas:
     def write(self) -> None:
         _upsert(CostDay, CostDay.KEY, MEASURES, self.day)
         _upsert(CostDayUser, CostDayUser.KEY, MEASURES, self.day_user)
+        _upsert(CostDayEndUser, CostDayEndUser.KEY, MEASURES, self.day_end_user)
         _upsert(CostHour, CostHour.KEY, HOUR_MEASURES, self.hour)
 
 

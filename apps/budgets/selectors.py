@@ -14,7 +14,7 @@ from django.utils import timezone
 from apps.projects.models import ApiKey, Project
 from apps.traces import selectors as traces_selectors
 
-from .models import CostDay, CostDayUser, CostSpike, SpanCost, usd
+from .models import CostDay, CostDayEndUser, CostDayUser, CostSpike, SpanCost, usd
 
 # group_by names (the API's) and the rollup columns behind them.
 DIMENSIONS = {"project": "project__slug", "day": "day", "agent": "agent_name", "version": "agent_version",
@@ -35,14 +35,16 @@ def costs(*, principal, project_slug: str | None = None, group_by: list[str] | t
           since: date | None = None, until: date | None = None, filters: dict[str, Any] | None = None,
           ) -> dict[str, Any]:
     """Spend over the project days ``since``..``until`` (inclusive; default the last 30 days) grouped by
-    ``group_by`` (``DIMENSIONS``) and filtered (``FILTERS``), from the day rollups: ``CostDay`` unless
-    end users are asked for (``CostDayUser``, as long as the number of distinct users makes it). Rows
+    ``group_by`` (``DIMENSIONS``) and filtered (``FILTERS``), from the narrowest day rollup that holds
+    them: ``CostDay`` unless end users are asked for, ``CostDayEndUser`` for end users alone,
+    ``CostDayUser`` for end users with other dimensions (as long as the number of users makes it). Rows
     come by the group's order (day first, then by cost, highest first); at most ``MAX_ROWS``."""
     filters = {k: v for k, v in (filters or {}).items() if v not in (None, "")}
     until = until or timezone.now().date()
     since = since or until - timedelta(days=DEFAULT_DAYS - 1)
     by_user = "end_user" in group_by or "end_user" in filters
-    model = CostDayUser if by_user else CostDay
+    users_only = set(group_by) <= {"project", "day", "end_user"} and set(filters) <= {"end_user"}
+    model = (CostDayEndUser if users_only else CostDayUser) if by_user else CostDay
     qs = model.objects.visible_to(principal, project_slug=project_slug).filter(day__gte=since, day__lte=until)
     qs = qs.filter(**{FILTERS[k]: v for k, v in filters.items()})
     columns = [DIMENSIONS[g] for g in group_by]

@@ -84,3 +84,44 @@ class AuditFilterForm(forms.Form):
 
 def _day_start(day: dt.date) -> dt.datetime:
     return timezone.make_aware(dt.datetime.combine(day, dt.time.min)).astimezone(dt.UTC)
+
+
+COST_MAX_DAYS = 366
+COST_DEFAULT_DAYS = 30
+
+
+class CostRangeForm(forms.Form):
+    """The costs page's range: project days ``since``..``until``, both included (default: the last 30
+    days up to ``today``, the latest "today" of the projects shown), at most ``COST_MAX_DAYS``."""
+
+    since = forms.DateField(required=False, label="From", widget=forms.DateInput(attrs={"type": "date"}))
+    until = forms.DateField(required=False, label="To", widget=forms.DateInput(attrs={"type": "date"}))
+
+    def __init__(self, data, *, today: dt.date):
+        super().__init__(data)
+        self.today = today
+
+    def clean(self):
+        data = super().clean()
+        if self.errors:
+            return data
+        span = dt.timedelta(days=COST_DEFAULT_DAYS - 1)
+        try:
+            # From a day alone: its 30 days, but not past today.
+            until = data.get("until") or (max(min(data["since"] + span, self.today), data["since"])
+                                          if data.get("since") else self.today)
+            since = data.get("since") or until - span
+        except OverflowError:
+            raise forms.ValidationError("That date is out of range.") from None
+        if since > until:
+            raise forms.ValidationError("“From” is after “To”.")
+        if (until - since).days + 1 > COST_MAX_DAYS:
+            raise forms.ValidationError(f"At most {COST_MAX_DAYS} days at a time.")
+        data["since"], data["until"] = since, until
+        return data
+
+    def range(self) -> tuple[dt.date, dt.date]:
+        """The valid range, or the default one when the form is not valid (its errors are shown)."""
+        if self.is_valid():
+            return self.cleaned_data["since"], self.cleaned_data["until"]
+        return self.today - dt.timedelta(days=COST_DEFAULT_DAYS - 1), self.today

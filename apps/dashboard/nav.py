@@ -16,5 +16,6 @@ NAV: list[NavEntry] = [
     NavEntry("overview", "Overview", "dashboard:overview"),
     NavEntry("runs", "Runs", "dashboard:runs"),
     NavEntry("agents", "Agents", "dashboard:agents"),
+    NavEntry("costs", "Costs", "dashboard:costs"),
     NavEntry("audit", "Audit log", "dashboard:audit"),
 ]

@@ -160,3 +160,69 @@ def loop_graph(loop: dict, *, key: str) -> SafeString:
                    f'<title>{escape(n["name"])}{": " + escape(n["error"]) if n["error"] else ""}</title></g>')
     out.append("</svg>")
     return mark_safe("".join(out))  # noqa: S308 - numbers and escaped text only
+
+
+# --- spend per day: one bar per day, each a link to the runs behind it ------------------------------------
+
+DAY_W, DAY_H, DAY_AXIS, DAY_TOP = 1000, 170, 20, 18
+
+
+def _day_labels(days: list, step: float) -> dict[int, str]:
+    """Which days the axis names: each first of a month ("Dec 1") and the first day unless a first of
+    a month is close by; on ranges short enough, days between as numbers where they fit."""
+    months = {i: f"{d:%b} {d.day}" for i, d in enumerate(days) if d.day == 1}
+    if days and not any(i * step < 48 for i in months):
+        months[0] = f"{days[0]:%b} {days[0].day}"
+    labels = dict(months)
+    if step < 8:  # a long range: the months are enough
+        return labels
+    every = max(1, -(-28 // int(step)))  # a number every ~28 units at least
+    for i in range(len(days)):
+        if i not in months and i % every == 0 and all(abs(i - j) * step >= 40 for j in months):
+            labels[i] = str(days[i].day)
+    return labels
+
+
+def _axis_text(x: float, text: str) -> str:
+    """An axis label centred under ``x``, kept inside the chart at its ends (~6.5 units a character)."""
+    half = len(text) * 3.3
+    anchor, x = ("start", 1.0) if x - half < 0 else ("end", DAY_W - 1.0) if x + half > DAY_W else ("middle", x)
+    return f'<text class="day" x="{_fmt(x)}" y="{DAY_H - 5}" text-anchor="{anchor}">{text}</text>'
+
+
+def day_bars(days: list[dict], *, label: str, money=str) -> SafeString:
+    """Bars of ``days`` (in order: ``day`` a date, ``value`` a number, ``href`` the runs behind it,
+    ``title`` its tooltip, ``spike`` true to mark it). Each day is a link to its ``href`` over the full
+    height of its column (a small day is as easy to hit as a big one); a spike day is drawn in the
+    warning colour with a mark above. The top line is labelled with the highest day (``money`` formats
+    it); the axis names the months and the days between where they fit."""
+    n = max(len(days), 1)
+    peak = max((float(d["value"]) for d in days), default=0.0)
+    top = peak or 1.0
+    step = DAY_W / n
+    plot = DAY_H - DAY_AXIS - DAY_TOP
+    base = DAY_TOP + plot
+    out = [f'<svg class="daybars" viewBox="0 0 {DAY_W} {DAY_H}" role="img" aria-label="{escape(label)}">'
+           f'<title>{escape(label)}</title>',
+           f'<line class="axis" x1="0" y1="{DAY_TOP}" x2="{DAY_W}" y2="{DAY_TOP}"/>'
+           f'<line class="axis base" x1="0" y1="{base}" x2="{DAY_W}" y2="{base}"/>']
+    if peak:
+        out.append(f'<text class="peak" x="{DAY_W - 2}" y="{DAY_TOP - 5}" text-anchor="end">{escape(money(peak))}'
+                   f'</text>')
+    for i, d in enumerate(days):
+        x = i * step
+        v = float(d["value"])
+        h = max(v / top * plot, 1.5) if v else 0
+        out.append(f'<a href="{escape(d["href"])}" data-day="{d["day"].isoformat()}"><title>{escape(d["title"])}</title>'
+                   f'<rect class="hit" x="{_fmt(x)}" y="{DAY_TOP}" width="{_fmt(step)}" height="{plot}"/>')
+        if h:
+            out.append(f'<rect class="{"bar spike" if d.get("spike") else "bar"}" x="{_fmt(x + step * .12)}" '
+                       f'y="{_fmt(base - h)}" width="{_fmt(max(step * .76, .5))}" height="{_fmt(h)}"/>')
+        if d.get("spike"):
+            out.append(f'<text class="spike-mark" x="{_fmt(x + step / 2)}" y="{_fmt(max(base - h - 3, DAY_TOP + 9))}" '
+                       f'text-anchor="middle">▲</text>')
+        out.append("</a>")
+    for i, text in sorted(_day_labels([d["day"] for d in days], step).items()):
+        out.append(_axis_text(i * step + step / 2, text))
+    out.append("</svg>")
+    return mark_safe("".join(out))  # noqa: S308 - numbers and escaped text only

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
+from apps.budgets import selectors as budgets
 from apps.traces import selectors as traces
 
 from . import svg
@@ -28,8 +30,39 @@ def _runs(access, project_slug):
     return {"stats": stats}
 
 
+TILE_ROWS = 5
+SPIKE_DAYS = 7
+UNPRICED_DAYS = 30
+
+
+def _spend(access, project_slug):
+    """Today's spend against yesterday's and the trailing average, with the days as bars."""
+    spend = budgets.spend_today(principal=access, project_slug=project_slug)
+    spend["chart"] = svg.sparkbars([float(usd) for _, usd in spend["days"]],
+                                   label=f"Spend per day, the last {len(spend['days'])} days")
+    avg = spend["trailing_avg_usd"]
+    spend["vs_avg"] = spend["today_usd"] / avg if avg else None
+    return {"spend": spend}
+
+
+def _spikes(access, project_slug):
+    since = budgets.today_in("UTC") - timedelta(days=SPIKE_DAYS)
+    return {"spikes": budgets.spikes(principal=access, project_slug=project_slug, since=since, limit=TILE_ROWS),
+            "spike_days": SPIKE_DAYS}
+
+
+def _unpriced(access, project_slug):
+    rows = budgets.unpriced(principal=access, project_slug=project_slug,
+                            since=budgets.today_in("UTC") - timedelta(days=UNPRICED_DAYS - 1))
+    return {"unpriced": rows[:TILE_ROWS], "unpriced_calls": sum(r["calls"] for r in rows),
+            "unpriced_models": len(rows), "unpriced_days": UNPRICED_DAYS}
+
+
 TILES: list[Tile] = [
     Tile("runs", "dashboard/tiles/runs.html", _runs),
+    Tile("spend", "dashboard/tiles/spend.html", _spend),
+    Tile("spikes", "dashboard/tiles/spikes.html", _spikes),
+    Tile("unpriced", "dashboard/tiles/unpriced.html", _unpriced),
 ]
 
 

@@ -1,7 +1,7 @@
 """The product's pages (``/``): each route is a thin view over another app's selectors."""
 from django.urls import path
 
-from .views import agents, audit, auth, overview, runs, sessions
+from .views import agents, audit, auth, costs, overview, runs, sessions
 
 app_name = "dashboard"
 
@@ -18,6 +18,8 @@ urlpatterns = [
     # sessions and agents pages
     path("agents/", agents.AgentsPage.as_view(), name="agents"),
     path("sessions/<slug:project>/<path:session_id>/", sessions.SessionPage.as_view(), name="session"),
+    # costs page
+    path("costs/", costs.CostsPage.as_view(), name="costs"),
     # audit log page
     path("audit/", audit.AuditLogPage.as_view(), name="audit"),
     path("audit/export.<str:fmt>", audit.AuditExport.as_view(), name="audit-export"),

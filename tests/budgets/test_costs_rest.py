@@ -11,7 +11,7 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 
-from apps.budgets.models import CostDay, CostDayUser, CostHour, SpanCost
+from apps.budgets.models import CostDay, CostDayEndUser, CostDayUser, CostHour, SpanCost
 from apps.projects import services as project_services
 from apps.traces.models import Run
 from tests.traces.helpers import drain
@@ -65,6 +65,7 @@ def figures(project) -> tuple:
             sorted(CostDay.objects.values_list("day", "agent_name", "model", "cost_nanos", "calls", "unpriced_calls",
                                                "input_tokens")),
             sorted(CostDayUser.objects.values_list("day", "end_user", "model", "cost_nanos", "calls")),
+            sorted(CostDayEndUser.objects.values_list("day", "end_user", "cost_nanos", "calls", "unpriced_calls")),
             sorted(CostHour.objects.values_list("day", "hour", "scope", "value", "cost_nanos", "calls")))
 
 
@@ -204,13 +205,14 @@ def test_the_re_derive_command_finds_nothing_then_repairs_what_was_tampered_with
     good = figures(project)
 
     CostDay.objects.update(cost_nanos=1)
+    CostDayEndUser.objects.filter(end_user="u-2").delete()
     CostHour.objects.filter(scope="project").delete()
     SpanCost.objects.filter(span_id="b").delete()
     Run.objects.filter(run_id="r1").update(cost_usd=Decimal("99"))
     out = StringIO()
     call_command("costs_rederive", "--project", "acme", "--since", "2026-11-24", "--until", "2026-11-24", stdout=out)
     text = out.getvalue()
-    assert "span_costs_added 2" in text and "day_rollups" in text and "hour_rollups" in text and "run_costs 1" in text
+    assert "span_costs_added 2" in text and "day_rollups" in text and "day_end_user_rollups" in text and "hour_rollups" in text and "run_costs 1" in text
     assert figures(project) == good
     out = StringIO()
     call_command("costs_rederive", "--since", "2026-11-24", "--until", "2026-11-24", stdout=out)

@@ -324,3 +324,56 @@ def test_the_agents_and_audit_pages_open_for_an_auditor(server, browser):
     page.wait_for_load_state()
     assert "intact" in page.locator("main").inner_text().lower() or "ok" in page.locator("main").inner_text().lower()
     shoot(page, "audit")
+
+
+def test_the_costs_page_draws_spend_and_the_run_page_a_run_s_cost(server, browser):
+    server.rest("POST", "/runs", {"run_id": "cost-1", "agent": {"name": "pricing-bot", "version": "2.1"},
+                                  "end_user": "u-77", "started_at": ago(40)})
+    usage = {"input_tokens": 12_000, "cache_read_tokens": 8_000, "output_tokens": 900}  # $0.029 on gpt-4o
+    server.rest("POST", "/runs/cost-1/spans", [
+        {"span_id": "a", "kind": "llm", "name": "chat gpt-4o", "provider": "openai", "model": "gpt-4o",
+         "start_time": ago(39), "end_time": ago(38), "usage": usage},
+        {"span_id": "b", "kind": "llm", "name": "chat claude", "provider": "anthropic",
+         "model": "claude-sonnet-4-20250514", "start_time": ago(37), "end_time": ago(36),
+         "usage": {"input_tokens": 10_000, "cache_write_tokens": 10_000, "output_tokens": 1_000}},  # $0.0525
+        {"span_id": "x", "kind": "llm", "name": "chat in-house", "provider": "acme", "model": "acme-7b",
+         "start_time": ago(35), "end_time": ago(34), "usage": {"input_tokens": 500, "output_tokens": 20}},
+        {"span_id": "rep", "kind": "llm", "name": "chat reported", "provider": "openai", "model": "gpt-4o",
+         "start_time": ago(33), "end_time": ago(32), "usage": usage, "cost_usd": "0.05"}])
+    server.rest("POST", "/runs/cost-1/finish", {"status": "completed"})
+    page = sign_in(browser, server)
+    deadline = time.monotonic() + 10
+    while True:
+        page.goto(f"{server.base}/costs/")
+        if page.locator("[data-costs=agent] >> text=pricing-bot").count():
+            break
+        assert time.monotonic() < deadline, page.locator("main").inner_text()[:2000]
+        page.wait_for_timeout(300)
+    assert page.locator("svg.daybars a[data-day]").count() == 30 and page.locator("svg.daybars rect.bar").count() >= 1
+    for table, name in (("agent", "pricing-bot"), ("end_user", "u-77"), ("model", "claude-sonnet-4-20250514"),
+                        ("provider", "anthropic")):
+        assert page.locator(f"[data-costs={table}] a", has_text=name).count() == 1, table
+    unpriced = page.locator('[data-unpriced="acme/acme-7b"]')
+    assert "does not know acme/acme-7b" in unpriced.inner_text()
+    assert "/admin/budgets/priceoverride/add/" in unpriced.locator("text=Add a price override").get_attribute("href")
+    shoot(page, "costs")
+    # An agent's row drills down into its runs.
+    page.click("[data-costs=agent] a:has-text('pricing-bot')")
+    page.wait_for_url("**/runs/?**agent=pricing-bot**")
+    assert page.locator("tbody tr[data-key]").count() == 1
+    assert page.locator("tbody tr[data-key] [data-field=cost]").inner_text() == "$0.1315"
+    # The run's page: its cost in the header, each call's in the tree, how it was priced in the panel.
+    page.goto(f"{server.base}/runs/demo/cost-1/")
+    head = page.locator("[data-field=cost]").inner_text()
+    assert "$0.1315" in head and "1 call unpriced" in head and "1 reported cost disagrees" in head
+    assert page.locator(".tree li[data-span=a] .cost").inner_text() == "$0.0290"
+    assert page.locator(".tree li[data-span=x] .cost").inner_text() == "unpriced"
+    page.click(".tree li[data-span=rep]")
+    page.wait_for_selector("#span-panel [data-field=span-cost]")
+    panel = page.locator("#span-panel").inner_text()
+    assert "reported" in panel and "disagrees" in panel and "the tokens say $0.0290" in panel
+    shoot(page, "run-cost")
+    # Another project's auditor sees none of it.
+    other = sign_in(browser, server, user="other-auditor")
+    other.goto(f"{server.base}/costs/")
+    assert "pricing-bot" not in other.locator("main").inner_text()

@@ -100,7 +100,8 @@ def test_the_session_page_asks_a_fixed_number_of_queries(client, bob, project, s
         _turn(project, seeded, f"more-{i}", start=40 + i, seconds=1, usage={"input_tokens": 5}, tools=3)
     drain()
     client.force_login(bob)
-    # Session, user, access, visible projects; the turns, their tool call counts, a page of tool calls.
-    with django_assert_max_num_queries(7):
+    # Session, user, access, visible projects; the turns, their tool call counts, their costs, a page
+    # of tool calls.
+    with django_assert_max_num_queries(8):
         page = client.get("/sessions/acme/chat/42/")
     assert page.status_code == 200 and page.content.decode().count('href="/runs/acme/more-') == 20 + 47

@@ -156,6 +156,7 @@ MATRIX: dict[tuple[str, str], Endpoint] = {
     ("GET", f"{RUN_PAGE}/spans/<str:span_id>/<str:field>.json"): Endpoint(
         PAGE_READ, "runs/acme/{run_id}/spans/{tool_span_id}/tool.json"),
     ("GET", "agents/"): Endpoint(PAGE_LIST, "agents/", marker="project=acme"),
+    ("GET", "costs/"): Endpoint(PAGE_LIST, "costs/", marker="acme-model"),
     ("GET", "sessions/<slug:project>/<path:session_id>/"): Endpoint(PAGE_READ, "sessions/acme/{session_id}/"),
     ("GET", "audit/"): Endpoint(PAGE_LIST, "audit/", marker="acme-all"),
     ("POST", "audit/"): Endpoint(PAGE_ACTION, "audit/"),

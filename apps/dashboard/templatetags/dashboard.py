@@ -1,7 +1,8 @@
-"""Formatting for the product's pages: durations, token counts, rates and JSON."""
+"""Formatting for the product's pages: durations, token counts, rates, money and JSON."""
 from __future__ import annotations
 
 import json
+from decimal import Decimal, InvalidOperation
 
 from django import template
 
@@ -41,9 +42,41 @@ def pct(rate) -> str:
 
 
 @register.filter
+def usd(amount) -> str:
+    """US dollars as people read a bill: $1,234.56 from a dollar up, four decimals below ($0.0290),
+    four significant digits under a cent ($0.001235, $0.000012), — for none (unpriced, not zero)."""
+    if amount is None or amount == "":
+        return "—"
+    try:
+        value = Decimal(str(amount))
+    except InvalidOperation:
+        return "—"
+    sign, value = ("-", -value) if value < 0 else ("", value)
+    if value >= 1:
+        text = f"{value:,.2f}"
+    elif value == 0:
+        text = "0.00"
+    elif value >= Decimal("0.01"):
+        text = f"{value:.4f}"
+    else:
+        digits = max(4 - value.adjusted() - 1, 4)  # four significant digits after the leading zeros
+        text = f"{value:.{digits}f}".rstrip("0")
+    return f"{sign}${text}"
+
+
+@register.filter
 def prettyjson(value) -> str:
     """JSON, indented, for a <pre> (escaped by the template as usual)."""
     return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False, default=str)
+
+
+@register.filter
+def getitem(mapping, key):
+    """``mapping[key]`` in a template (a key held in a variable), or "" when absent."""
+    try:
+        return mapping[key]
+    except (KeyError, IndexError, TypeError):
+        return ""
 
 
 @register.simple_tag(takes_context=True)

@@ -7,6 +7,7 @@ from urllib.parse import urlencode
 
 from django.utils import timezone
 
+from apps.budgets import selectors as budgets
 from apps.traces import selectors
 
 from .base import Page
@@ -33,7 +34,8 @@ def _grouped(rows: list[dict]) -> list[dict]:
 
 class AgentsPage(Page):
     """``?window=`` 24h, 7d (the default, also for a value it does not know) or 30d; ``?project=``
-    narrows to one project. Two queries past the layout's, three on SQLite (``traces.selectors.agent_stats``)."""
+    narrows to one project. Three queries past the layout's, four on SQLite (``traces.selectors.agent_stats``,
+    and the spend per version from ``budgets.selectors.agent_costs``)."""
 
     template_name = "dashboard/agents.html"
     nav = "agents"
@@ -42,7 +44,11 @@ class AgentsPage(Page):
         window = self.request.GET.get("window")
         if window not in WINDOWS:
             window = DEFAULT_WINDOW
-        rows = selectors.agent_stats(principal=self.access, project_slug=self.project_param(),
-                                     since=timezone.now() - WINDOWS[window])
+        since = timezone.now() - WINDOWS[window]
+        rows = selectors.agent_stats(principal=self.access, project_slug=self.project_param(), since=since)
+        costs = budgets.agent_costs(principal=self.access, project_slug=self.project_param(), since=since)
+        for row in rows:
+            row["cost"] = cost = costs.get((row["project"], row["agent_name"], row["agent_version"]))
+            row["cost_per_run"] = cost["cost_usd"] / row["runs"] if cost and cost["calls"] and row["runs"] else None
         return {**super().get_context_data(**kwargs), "agents": _grouped(rows), "window": window,
                 "windows": list(WINDOWS)}

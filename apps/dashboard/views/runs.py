@@ -16,6 +16,8 @@ from django.utils import timezone
 from django.views import View
 
 from apps.audit.services import audit_record
+from apps.budgets import selectors as budgets
+from apps.budgets.models import usd
 from apps.projects.services import actor_for
 from apps.traces import records, selectors
 
@@ -30,7 +32,7 @@ INLINE_BYTES = 64 * 1024
 EXPORT_FIELDS = ("project__slug", "run_id", "trace_id", "agent_name", "agent_version", "end_user", "session_id",
                  "parent_run_ref", "status", "started_at", "ended_at", "duration_ms", "models_used", "providers_used",
                  "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens",
-                 "span_count", "error_span_count", "error_code")
+                 "span_count", "error_span_count", "error_code", "cost_usd")
 SPAN_FIELDS = ("input_messages", "output_messages", "tool", "attributes", "events", "details")
 RUN_FIELDS = ("input", "output", "metadata", "error_details")
 
@@ -161,10 +163,11 @@ class RunPage(Page):
         run, page = selectors.run_page(principal=self.access, run_id=_run_id(run_id), project_slug=project)
         now = timezone.now()
         selected = request.GET.get("span") or None
+        span_costs = budgets.span_costs_of_run(run)
         context = {
-            "run": run, "project": project, **page, "selected": selected,
+            "run": run, "project": project, **page, "selected": selected, "cost": _run_cost(run, page, span_costs),
             "timeline": svg.timeline(page["spans"], run_start=run.started_at, run_end=run.ended_at, now=now),
-            "tree": outline.span_tree(page["spans"], selected=selected),
+            "tree": outline.span_tree(page["spans"], selected=selected, costs=span_costs),
             "graphs": [{"loop": loop, "svg": svg.loop_graph(loop, key=str(n)), "key": str(n)}
                        for n, loop in enumerate(page["topology"]["loops"])],
             "values": {name: _preview(getattr(run, name)) for name in RUN_FIELDS if getattr(run, name) not in (None, {}, [])},
@@ -173,6 +176,16 @@ class RunPage(Page):
         if request.GET.get("fragment") == "body":
             return render(request, "dashboard/_run_body.html", context)
         return self.render_to_response(self.get_context_data(**kwargs, **context))
+
+
+def _run_cost(run, page: dict, span_costs: dict) -> dict:
+    """The run page's cost: the run's own (its spans'), its child runs' beside it (never added in; read
+    only when it has children), and how many of its calls went unpriced or disagree with their tokens."""
+    children = selectors.child_runs_cost(run) if page["children"] else {"runs": [], "cost_usd": None}
+    return {"own": run.cost_usd, "children": children["cost_usd"], "child_count": len(children["runs"]),
+            "child_costs": {c["run_id"]: c["cost_usd"] for c in children["runs"]},
+            "unpriced": sum(1 for c in span_costs.values() if c.cost_nanos is None),
+            "disagreements": sum(1 for c in span_costs.values() if c.disagreement)}
 
 
 def _conversation(messages) -> list[dict] | None:
@@ -202,9 +215,17 @@ class SpanPanel(PageMixin, View):
         conversation = [(label, _conversation(span[name])) for name, label in (("input_messages", "Input messages"),
                                                                               ("output_messages", "Output messages"))
                         if name in values and not values[name]["truncated"]]
+        cost = budgets.span_cost_of(run, span["span_id"])
         return render(request, "dashboard/_span_panel.html", {
             "run": run, "project": project, "span": span, "values": values, "status": display_status(span),
+            "cost": cost, "cost_figures": _span_cost_figures(cost),
             "conversation": [(label, msgs) for label, msgs in conversation if msgs]})
+
+
+def _span_cost_figures(cost) -> dict | None:
+    if cost is None:
+        return None
+    return {"cost": cost.cost_usd, "computed": usd(cost.computed_nanos), "reported": usd(cost.reported_nanos)}
 
 
 class SpanField(PageMixin, View):
@@ -240,7 +261,8 @@ def _run_export(request, found, project: str) -> HttpResponse:
     body = {"project": project, "run_id": run.run_id, "trace_id": run.trace_id, "status": run.status,
             "agent": run.agent_name, "agent_version": run.agent_version, "end_user": run.end_user,
             "session_id": run.session_id, "started_at": run.started_at, "ended_at": run.ended_at,
-            "duration_ms": run.duration_ms, "usage": selectors.run_usage(run), "error_code": run.error_code,
+            "duration_ms": run.duration_ms, "usage": selectors.run_usage(run), "cost_usd": run.cost_usd,
+            "error_code": run.error_code,
             "models": run.models_used, "providers": run.providers_used, **detail}
     response = HttpResponse(json.dumps(body, cls=DjangoJSONEncoder, ensure_ascii=False, indent=1),
                             content_type="application/json")

@@ -2,6 +2,8 @@
 tokens and cache hits, and the session's tool calls below, page by page."""
 from __future__ import annotations
 
+from decimal import Decimal
+
 from django.http import Http404
 
 from apps.traces import selectors
@@ -25,10 +27,23 @@ def _bars(session: dict) -> None:
                        "open": turn["duration_ms"] is None}
 
 
+def _costs(session: dict, runs) -> None:
+    """Each turn's cost (its run's own; None when nothing of it was priced) and the session's running
+    total up to it, from one query over the turns' runs (the same order and bound as the turns)."""
+    costs = dict(runs.order_by("started_at", "id").values_list("run_id", "cost_usd")[:len(session["turns"])])
+    total, priced = Decimal(0), False
+    for turn in session["turns"]:
+        turn["cost_usd"] = costs.get(turn["run_id"])
+        if turn["cost_usd"] is not None:
+            total, priced = total + turn["cost_usd"], True
+        turn["cumulative_cost_usd"] = total if priced else None
+    session["cost_usd"] = total if priced else None
+
+
 class SessionPage(Page):
     """``/sessions/<project>/<session id>/``: 404 when the person sees no run of that session in that
     project. ``?after=`` is the tool calls' cursor. A fixed number of queries past the layout's: the turns,
-    their tool call counts and one page of tool calls."""
+    their tool call counts, their costs and one page of tool calls."""
 
     template_name = "dashboard/session.html"
     nav = "runs"
@@ -39,6 +54,7 @@ class SessionPage(Page):
             raise Http404  # no session id holds one, and PostgreSQL refuses it in a query
         session = selectors.session_detail(principal=self.access, session_id=session_id, project_slug=project)
         _bars(session)
+        _costs(session, selectors.session_runs(principal=self.access, session_id=session_id, project_slug=project))
         tool_calls, next_cursor = cursor.page(
             selectors.session_tool_calls(principal=self.access, session_id=session_id, project_slug=project),
             self.request.GET.get("after"), size=TOOL_CALLS_PAGE, descending=False)
