@@ -134,7 +134,8 @@ class CostSettings(models.Model):
 class SpanCost(models.Model):
     """One priced span. ``cost_nanos`` is what counts (None: unpriced, counted apart, never as 0)."""
 
-    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="+")
+    # (No index of its own: (project, day, hour) serves it. Every index here is paid on each priced span.)
+    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="+", db_index=False)
     run = models.ForeignKey("traces.Run", on_delete=models.CASCADE, related_name="span_costs")
     # The span's row id and id, not a foreign key: spans are deleted in bulk by the retention sweep
     # (no collector); this row goes with its run (the sweep deletes runs through the ORM).

@@ -6,9 +6,9 @@ from the project's own ``PriceOverride`` rows. A span's token counts follow the 
 reasoning; counts that cannot be that (input below its cache tokens, output below its reasoning) are
 the other convention (Anthropic's input, Gemini's thoughts) and are added up first.
 
-The price of a model that is flat per token (most) is read from the package once per model and
-applied here in integer nano-USD (tested equal to the package's own figures); a tiered, dated or
-otherwise special price goes through the package's ``calc_price``.
+The price of a model per token (flat, or tiered by the prompt's size: most) is read from the package
+once per model and applied here in integer nano-USD (tested equal to the package's own figures for any
+usage); a dated or otherwise special price goes through the package's ``calc_price`` (~0.2 ms a call).
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from genai_prices import Usage, data_snapshot
+from genai_prices.types import TieredPrices
 
-from apps.traces.models import NANOS_PER_USD, TOKEN_FIELDS
+from apps.traces.models import NANOS_PER_USD
 from apps.traces.records import parse_time
 
 from .models import CostSource, PriceOverride
@@ -48,8 +49,17 @@ PROVIDER_ALIASES = {
     "cerebras": "cerebras", "moonshotai": "moonshotai", "moonshot": "moonshotai",
 }
 _FLAT_KEYS = frozenset({"input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok"})
-# Prices that do not depend on the tokens we price (searches are counted apart, and never sent).
+# Prices of what a span never reports, so counted as none (searches, and the audio, image, video and
+# 1-hour-cache shares of the tokens; our counts are all text): they add nothing to a call's price.
+# (Held to the package's figures by tests/budgets/test_pricing.py for the models that have them.)
 _IGNORED_KEYS = frozenset({"web_searches_kcount", "storage_searches_kcount"})
+
+
+def _ignored(key: str) -> bool:
+    """A price of a share of the tokens a span never reports (its audio, image or video tokens, or 1-hour
+    cache writes). Text and reasoning prices apply to what we send: those take the package's path."""
+    return key in _IGNORED_KEYS or (key.endswith("_mtok") and "reasoning" not in key and "text" not in key
+                                    and any(w in key for w in ("audio", "image", "video", "_1h_")))
 _MTOK = Decimal(10**6)
 
 
@@ -65,7 +75,10 @@ class Tokens:
 
     @classmethod
     def of(cls, usage: dict) -> Tokens:
-        inp, out, read, write, reasoning = (int(usage.get(k) or 0) for k in TOKEN_FIELDS)
+        get = usage.get
+        inp, out, read, write, reasoning = (get("input_tokens") or 0, get("output_tokens") or 0,
+                                            get("cache_read_tokens") or 0, get("cache_write_tokens") or 0,
+                                            get("reasoning_tokens") or 0)
         if inp < read + write:
             inp += read + write
         if out < reasoning:
@@ -100,49 +113,89 @@ def _model(model: str, provider_id: str | None):
         return None
 
 
+Rate = tuple[int, tuple[tuple[int, int], ...]]  # nano-USD per token, and (tier start, rate) above it
+
+
+def _rate(value) -> Rate | None:
+    """A per-million-token price as nano-USD per token (whole, or None), with its tiers if any."""
+    def whole(price: Decimal) -> int | None:
+        rate = price * NANOS_PER_USD / _MTOK
+        return int(rate) if rate == rate.to_integral_value() else None
+
+    if isinstance(value, Decimal):
+        base = whole(value)
+        return None if base is None else (base, ())
+    if isinstance(value, TieredPrices):
+        base, tiers = whole(value.base), [(t.start, whole(t.price)) for t in value.tiers]
+        if base is None or any(r is None for _, r in tiers):
+            return None
+        return base, tuple(tiers)  # type: ignore[return-value]
+    return None
+
+
+def _at(rate: Rate, input_tokens: int) -> int:
+    """The rate in force for a call of ``input_tokens`` prompt tokens: past a tier's start, that tier's
+    rate applies to all the tokens (the package's "cliff" tiers)."""
+    base, tiers = rate
+    for start, tier_rate in reversed(tiers):
+        if input_tokens > start:
+            return tier_rate
+    return base
+
+
 @lru_cache(maxsize=4096)
-def _flat_rates(model: str, provider_id: str | None) -> tuple[int, int, int, int] | None:
-    """Nano-USD per token (input, output, cache read, cache write) when the model's price is flat, has
-    no date conditions and whole nano-USD per token; else None (the package computes it)."""
+def _flat_rates(model: str, provider_id: str | None) -> tuple[Rate, Rate, Rate, Rate] | None:
+    """Nano-USD per token (input, output, cache read, cache write), each possibly tiered by the prompt's
+    size, when the model's price has no date conditions and whole nano-USD per token; else None (the
+    package computes it)."""
     found = _model(model, provider_id)
     if found is None:
         return None
     prices = found[1].prices
     if isinstance(prices, list):
-        return None
+        return None  # dated prices: the package picks the one in force
+    # (Price variants, such as service tiers, apply only to a request that names one; ours never do.)
     keys = {k for k, v in vars(prices).items() if v is not None and not k.startswith("_")}
-    if not keys <= _FLAT_KEYS | _IGNORED_KEYS or not all(isinstance(getattr(prices, k), Decimal)
-                                                         for k in keys & _FLAT_KEYS):
+    if not all(k in _FLAT_KEYS or _ignored(k) for k in keys):
         return None
-    per_token = []
+    rates = []
     for key in ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok"):
         value = getattr(prices, key, None)
-        if value is None:
-            value = prices.input_mtok if key.startswith("cache") else None
-        if value is None:
+        if value is None and key.startswith("cache"):
+            value = prices.input_mtok
+        rate = _rate(value)
+        if rate is None:
             return None
-        rate = value * NANOS_PER_USD / _MTOK
-        if rate != rate.to_integral_value():
-            return None
-        per_token.append(int(rate))
-    return tuple(per_token)  # type: ignore[return-value]
+        rates.append(rate)
+    return tuple(rates)  # type: ignore[return-value]
 
 
-def package_price(tokens: Tokens, model: str, provider: str, when: datetime) -> tuple[int, str] | None:
-    """(nano-USD, price reference) from genai-prices, or None for a model or provider it does not know."""
+@lru_cache(maxsize=4096)
+def _lookup(model: str, provider: str) -> tuple | None:
+    """(provider, model info, price reference, per-token rates or None) for a model as a span names it
+    and its provider as sent; None when the package knows neither. Once per name pair."""
     provider_id = PROVIDER_ALIASES.get(provider.lower(), provider.lower()) if provider else None
     found = _model(model, provider_id)
     if found is None:
         return None
     prov, info = found
-    ref = f"{PRICES_VERSION} {prov.id}/{info.id}"
-    rates = _flat_rates(model, provider_id)
+    return prov, info, f"{PRICES_VERSION} {prov.id}/{info.id}", _flat_rates(model, provider_id)
+
+
+def package_price(tokens: Tokens, model: str, provider: str, when: datetime | str) -> tuple[int, str] | None:
+    """(nano-USD, price reference) from genai-prices, or None for a model or provider it does not know.
+    ``when`` (a datetime or the record's time string) matters only to dated prices."""
+    found = _lookup(model, provider)
+    if found is None:
+        return None
+    prov, info, ref, rates = found
     if rates is not None:
-        r_in, r_out, r_read, r_write = rates
+        r_in, r_out, r_read, r_write = (_at(r, tokens.input) for r in rates)
         uncached = tokens.input - tokens.cache_read - tokens.cache_write
         return (uncached * r_in + tokens.cache_read * r_read + tokens.cache_write * r_write
                 + tokens.output * r_out), ref
-    calc = info.calc_price(tokens.as_usage(), prov, genai_request_timestamp=when)
+    calc = info.calc_price(tokens.as_usage(), prov,
+                           genai_request_timestamp=parse_time(when) if isinstance(when, str) else when)
     return to_nanos(calc.total_price), ref
 
 
@@ -217,13 +270,15 @@ class Pricer:
         source = CostSource.UNPRICED
         if usage and names:
             tokens = Tokens.of(usage)
-            when = parse_time(eff["start_time"])
-            day = when.astimezone(self.tz).date()
-            override = next((o for o in (self.override_for(n, provider, day) for n in names) if o), None)
+            override = None
+            if self.overrides():
+                day = parse_time(eff["start_time"]).astimezone(self.tz).date()
+                override = next((o for o in (self.override_for(n, provider, day) for n in names) if o), None)
             if override is not None:
                 computed, ref, source = override_price(tokens, override), f"override #{override.pk}", CostSource.OVERRIDE
             else:
-                found = next((f for f in (package_price(tokens, n, provider, when) for n in names) if f), None)
+                found = next((f for f in (package_price(tokens, n, provider, eff["start_time"]) for n in names)
+                              if f), None)
                 if found is not None:
                     (computed, ref), source = found, CostSource.COMPUTED
         if reported is not None:

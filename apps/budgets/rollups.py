@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 from django.db import connection, transaction
 
+from apps.common.bulk import insert_rows
 from apps.projects.models import Project
 from apps.traces.models import Span
 from apps.traces.records import parse_time
@@ -48,10 +49,6 @@ def _pricing_inputs(eff: dict | None) -> tuple | None:
             bool(eff.get("end_time")))
 
 
-def attribution(run) -> tuple[str, str, str, int]:
-    return run.agent_name, run.agent_version, run.end_user, run.api_key_id or 0
-
-
 def pricer_for(project_id: int) -> tuple[Pricer, ZoneInfo]:
     tz_name, margin = (Project.objects.filter(pk=project_id)
                        .values_list("time_zone", "cost_settings__disagreement_margin").get())
@@ -59,20 +56,29 @@ def pricer_for(project_id: int) -> tuple[Pricer, ZoneInfo]:
     return Pricer(project_id, tz, margin if margin is not None else _DEFAULT_MARGIN), tz
 
 
+_NO_USAGE: dict = {}
+
+
 def span_cost_row(*, project_id: int, run, span_pk: int, eff: dict, priced: Priced, tz: ZoneInfo) -> dict:
     local = parse_time(eff["start_time"]).astimezone(tz)
-    usage = eff.get("usage") or {}
-    agent, version, end_user, key = attribution(run)
+    usage = eff.get("usage") or _NO_USAGE
     return {
         "project_id": project_id, "run_id": run.pk, "span_pk": span_pk, "span_id": eff["span_id"],
-        "day": local.date(), "hour": local.hour, "kind": eff.get("kind", ""), "agent_name": agent, "agent_version": version,
-        "end_user": end_user, "api_key_id": key, "model": priced_model(eff)[:200],
-        "provider": (eff.get("provider") or "")[:100],
-        **{k: int(usage.get(k) or 0) for k in TOKENS},
+        "day": local.date(), "hour": local.hour, "kind": eff.get("kind", ""), "agent_name": run.agent_name,
+        "agent_version": run.agent_version, "end_user": run.end_user, "api_key_id": run.api_key_id or 0,
+        "model": priced_model(eff)[:200], "provider": (eff.get("provider") or "")[:100],
+        "input_tokens": usage.get("input_tokens") or 0, "output_tokens": usage.get("output_tokens") or 0,
+        "cache_read_tokens": usage.get("cache_read_tokens") or 0,
+        "cache_write_tokens": usage.get("cache_write_tokens") or 0,
+        "reasoning_tokens": usage.get("reasoning_tokens") or 0,
         "source": priced.source, "cost_nanos": priced.cost_nanos, "computed_nanos": priced.computed_nanos,
         "reported_nanos": priced.reported_nanos, "price_ref": priced.price_ref[:300],
         "disagreement": priced.disagreement,
     }
+
+
+_PROJECT, _AGENT, _END_USER = (str(s) for s in (CostHour.Scope.PROJECT, CostHour.Scope.AGENT,
+                                                   CostHour.Scope.END_USER))
 
 
 class Deltas:
@@ -85,25 +91,23 @@ class Deltas:
         self.hour: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(HOUR_MEASURES))
 
     def add(self, row: dict, sign: int) -> None:
-        priced = row["cost_nanos"] is not None
-        values = (sign * (row["cost_nanos"] or 0), sign * priced, sign * (not priced),
-                  *(sign * row[k] for k in TOKENS))
-        p, d = row["project_id"], row["day"]
-        for table, key in ((self.day, (p, d, row["agent_name"], row["agent_version"], row["api_key_id"],
-                                       row["model"], row["provider"])),
-                           (self.day_user, (p, d, row["end_user"], row["agent_name"], row["agent_version"],
-                                            row["api_key_id"], row["model"], row["provider"])),
-                           (self.day_end_user, (p, d, row["end_user"]))):
-            acc = table[key]
-            for i, v in enumerate(values):
-                acc[i] += v
-        for scope, value in ((CostHour.Scope.PROJECT, ""), (CostHour.Scope.AGENT, row["agent_name"]),
-                             (CostHour.Scope.END_USER, row["end_user"])):
-            if scope != CostHour.Scope.PROJECT and not value:
-                continue
-            acc = self.hour[(p, d, row["hour"], scope, value)]
-            acc[0] += values[0]
-            acc[1] += values[1]
+        cost = row["cost_nanos"]
+        priced = cost is not None
+        values = (sign * (cost or 0), sign * priced, sign * (not priced), sign * row["input_tokens"],
+                  sign * row["output_tokens"], sign * row["cache_read_tokens"], sign * row["cache_write_tokens"],
+                  sign * row["reasoning_tokens"])
+        p, d, agent, version, user = row["project_id"], row["day"], row["agent_name"], row["agent_version"], row["end_user"]
+        key, model, provider = row["api_key_id"], row["model"], row["provider"]
+        for acc in (self.day[(p, d, agent, version, key, model, provider)],
+                    self.day_user[(p, d, user, agent, version, key, model, provider)],
+                    self.day_end_user[(p, d, user)]):
+            acc[:] = map(int.__add__, acc, values)
+        hour = row["hour"]
+        for scope, value in ((_PROJECT, ""), (_AGENT, agent), (_END_USER, user)):
+            if value or scope is _PROJECT:
+                acc = self.hour[(p, d, hour, scope, value)]
+                acc[0] += values[0]
+                acc[1] += values[1]
 
     def write(self) -> None:
         _upsert(CostDay, CostDay.KEY, MEASURES, self.day)
@@ -113,23 +117,33 @@ class Deltas:
 
 
 def _upsert(model, key_cols: tuple[str, ...], measures: tuple[str, ...], deltas: dict[tuple, list[int]],
-            chunk: int = 500) -> None:
+            chunk: int = 1000) -> None:
     rows = sorted((k, v) for k, v in deltas.items() if any(v))  # key order: no lock cycles between projections
     if not rows:
         return
     q = connection.ops.quote_name
     table = q(model._meta.db_table)
-    cols = [*key_cols, *measures]
-    conflict = ", ".join(q(model._meta.get_field(c.removesuffix("_id") if c == "project_id" else c).column)
-                         for c in key_cols)
+    fields = [model._meta.get_field(c.removesuffix("_id") if c == "project_id" else c) for c in key_cols]
+    cols = ", ".join(q(c) for c in (*key_cols, *measures))
+    conflict = ", ".join(q(f.column) for f in fields)
     sets = ", ".join(f"{q(m)} = {table}.{q(m)} + excluded.{q(m)}" for m in measures)
+    upsert = f"ON CONFLICT ({conflict}) DO UPDATE SET {sets}"
     with connection.cursor() as cur:
         for start in range(0, len(rows), chunk):
             part = rows[start:start + chunk]
-            values = ", ".join(["(" + ", ".join(["%s"] * len(cols)) + ")"] * len(part))
-            params = [x for key, vals in part for x in (*key, *vals)]
-            cur.execute(f"INSERT INTO {table} ({', '.join(q(c) for c in cols)}) VALUES {values} "
-                        f"ON CONFLICT ({conflict}) DO UPDATE SET {sets}", params)
+            if connection.vendor == "postgresql":
+                # One array per column: a handful of parameters, where a VALUES list of a few hundred
+                # rows took psycopg longer to convert than the statement took to run.
+                types = [*(f.db_type(connection) if f.name != "project" else "bigint" for f in fields),
+                         *["bigint"] * len(measures)]
+                columns = list(zip(*[(*key, *vals) for key, vals in part], strict=True))
+                unnest = ", ".join(f"%s::{t}[]" for t in types)
+                cur.execute(f"INSERT INTO {table} ({cols}) SELECT * FROM unnest({unnest}) {upsert}",
+                            [list(c) for c in columns])
+            else:
+                values = ", ".join(["(" + ", ".join(["%s"] * (len(key_cols) + len(measures))) + ")"] * len(part))
+                cur.execute(f"INSERT INTO {table} ({cols}) VALUES {values} {upsert}",
+                            [x for key, vals in part for x in (*key, *vals)])
 
 
 _ROW_FIELDS = ("project_id", "run_id", "span_pk", "span_id", "day", "hour", "kind", "agent_name", "agent_version",
@@ -141,20 +155,21 @@ def _as_row(sc: SpanCost) -> dict:
     return {f: getattr(sc, f) for f in _ROW_FIELDS}
 
 
-def on_spans_projected(sender, *, project_id: int, changes, runs=(), **kwargs) -> None:
+def on_spans_projected(sender, *, project_id: int, changes, reattributed=(), **kwargs) -> None:
     """The ``traces.signals.spans_projected`` receiver (inside the projection's transaction)."""
-    todo = [c for c in changes if _pricing_inputs(c.before) != _pricing_inputs(c.after)]
-    if not todo and not runs:
+    todo = [c for c in changes if c.before is None or _pricing_inputs(c.before) != _pricing_inputs(c.after)]
+    if not todo and not reattributed:
         return
     deltas = Deltas()
     existing = {sc.span_pk: sc for sc in SpanCost.objects.filter(
         span_pk__in=[c.span_pk for c in todo if c.before is not None])} if todo else {}
-    moved = _move_attribution(project_id, runs, deltas, existing)
+    moved = _move_attribution(project_id, reattributed, deltas, existing)
     if todo:
         pricer, tz = pricer_for(project_id)
-        new_rows: list[SpanCost] = []
+        new_rows: list[dict] = []
         changed: list[SpanCost] = []
         gone: list[int] = []
+        cost_moves: dict = {}  # run -> nano-USD
         covered = covered_iterations((c.run.pk, c.span_id, c.span_pk, c.after) for c in todo)
         for c in todo:
             priced = pricer.price(c.after)
@@ -163,7 +178,7 @@ def on_spans_projected(sender, *, project_id: int, changes, runs=(), **kwargs) -
             old = existing.get(c.span_pk)
             if old is not None:
                 deltas.add(_as_row(old), -1)
-                c.run.add_cost(-(old.cost_nanos or 0))
+                cost_moves[c.run] = cost_moves.get(c.run, 0) - (old.cost_nanos or 0)
             if priced is None:
                 if old is not None:
                     gone.append(old.pk)
@@ -172,16 +187,18 @@ def on_spans_projected(sender, *, project_id: int, changes, runs=(), **kwargs) -
                                 tz=tz)
             deltas.add(row, +1)
             if row["cost_nanos"] is not None or old is not None:
-                c.run.add_cost(row["cost_nanos"] or 0)
+                cost_moves[c.run] = cost_moves.get(c.run, 0) + (row["cost_nanos"] or 0)
             if old is None:
-                new_rows.append(SpanCost(**row))
+                new_rows.append(row)
             else:
                 for k, v in row.items():
                     setattr(old, k, v)
                 changed.append(old)
+        for run, delta in cost_moves.items():
+            run.add_cost(delta)  # once per run: a priced run's cost is set even when the sum is 0
         if gone:
             SpanCost.objects.filter(pk__in=gone).delete()
-        SpanCost.objects.bulk_create(new_rows)
+        insert_rows(SpanCost, new_rows, ids=False)
         if changed:
             SpanCost.objects.bulk_update(changed, [f for f in _ROW_FIELDS if f not in ("project_id", "span_pk")])
     if todo:
@@ -221,8 +238,9 @@ def covered_iterations(spans: Iterable[tuple[int, str, int, dict]]) -> set[int]:
 def _cover_parents(project_id: int, todo, deltas: Deltas) -> None:
     """A model call arriving under a loop iteration whose reported cost was counted: the iteration's
     cost is now its calls' (count it no more)."""
+    # Only runs holding a loop span can hold an iteration (Run.has_loop): most batches ask nothing.
     parents = {(c.run.pk, c.after.get("parent_span_id")): c.run for c in todo
-               if c.after.get("parent_span_id") and pricing_is_call(c.after)}
+               if c.run.has_loop and c.after.get("parent_span_id") and pricing_is_call(c.after)}
     if not parents:
         return
     for sc in SpanCost.objects.filter(project_id=project_id, run_id__in={r for r, _ in parents}, kind=LOOP_ITERATION,
@@ -246,11 +264,11 @@ def _move_attribution(project_id: int, runs: Iterable, deltas: Deltas, existing:
     stale = set()
     for run_pk, *attr in (SpanCost.objects.filter(run_id__in=list(runs)).order_by()
                           .values_list("run_id", *ATTRIBUTION).distinct()):
-        if tuple(attr) != attribution(runs[run_pk]):
+        if tuple(attr) != runs[run_pk].attribution:
             stale.add(run_pk)
     moved = 0
     for sc in SpanCost.objects.filter(run_id__in=stale):
-        new = attribution(runs[sc.run_id])
+        new = runs[sc.run_id].attribution
         if (sc.agent_name, sc.agent_version, sc.end_user, sc.api_key_id) == new:
             continue
         if sc.span_pk in existing:  # repriced below from its old row: update that row's attribution first

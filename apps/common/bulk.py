@@ -57,8 +57,9 @@ def _check(model: type[Model], rows: list[dict]) -> None:
         raise ValueError(f"{model._meta.label} has no column {sorted(unknown)[0]!r}")
 
 
-def insert_rows(model: type[Model], rows: list[dict]) -> list[int]:
-    """Insert ``rows`` and return their primary keys, in order."""
+def insert_rows(model: type[Model], rows: list[dict], *, ids: bool = True) -> list[int]:
+    """Insert ``rows`` and return their primary keys, in order (``ids=False``: return nothing, and on
+    PostgreSQL let the table's default number them, saving the query that draws them first)."""
     if not rows:
         return []
     _check(model, rows)
@@ -67,9 +68,15 @@ def insert_rows(model: type[Model], rows: list[dict]) -> list[int]:
     meta = model._meta
     if connection.vendor != "postgresql":
         objs = model.objects.using(using).bulk_create([model(**row) for row in rows], batch_size=1000)
-        return [obj.pk for obj in objs]
+        return [obj.pk for obj in objs] if ids else []
     fields = _writable(model)
     prepared = _Rows(model, connection, fields)
+    if not ids:
+        with connection.cursor() as cursor:
+            _copy_into(cursor, connection.ops.quote_name(meta.db_table),
+                       ", ".join(connection.ops.quote_name(f.column) for f in fields),
+                       (prepared.values(row) for row in rows))
+        return []
     names = ", ".join(connection.ops.quote_name(f.column) for f in [meta.pk, *fields])
     with connection.cursor() as cursor:
         cursor.execute("SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s)",

@@ -264,6 +264,11 @@ class Run(models.Model):
         return sum(getattr(self, f) for f in TOKEN_FIELDS[:2])
 
     @property
+    def attribution(self) -> tuple[str, str, str, int]:
+        """Who a run's spend and calls are attributed to: agent, version, end user, key (0: none)."""
+        return self.agent_name, self.agent_version, self.end_user, self.api_key_id or 0
+
+    @property
     def cache_hit_rate(self) -> float | None:
         return cache_hit_rate(self.input_tokens, self.cache_read_tokens, self.cache_write_tokens)
 

@@ -171,6 +171,7 @@ class _Application:
         self.update_rows: list[dict] = []
         self.parent_refs: dict[str, str] = {}
         self.projected: list[signals.SpanChange] = []
+        self.attribution: dict[str, tuple] = {}  # each run's agent, version, end user and key as locked
 
     def run(self) -> None:
         self.lock_runs()
@@ -208,6 +209,7 @@ class _Application:
         self.created_runs = [p["run_id"] for p in placeholders]
         self.runs = {r.run_id: r for r in Run.objects.select_for_update()
                      .filter(project_id=self.project_id, run_id__any_of=run_ids).order_by("pk")}
+        self.attribution = {run_id: run.attribution for run_id, run in self.runs.items()}
 
     def load_span_state(self) -> None:
         """Each span the batch touches as it stands before the batch (its row and earlier updates)."""
@@ -340,13 +342,16 @@ class _Application:
             Run.objects.bulk_update(waiting, ["parent_run"])
 
     def tell_listeners(self) -> None:
-        """``spans_projected``: the spans this application changed and the runs it touched, as they
-        stand once every record is applied (a receiver may move a run's cost; ``settle_runs`` saves it)."""
+        """``spans_projected``: the spans this application changed, and the runs whose attribution
+        changed (runs that existed before it), as they stand once every record is applied (a receiver
+        may move a run's cost; ``settle_runs`` saves it)."""
         if signals.spans_projected.has_listeners(Run):
-            runs = [self.runs[r] for r in self.dirty]
-            if self.projected or runs:
+            created = set(self.created_runs)
+            reattributed = [run for run_id, run in self.runs.items()
+                            if run_id not in created and run.attribution != self.attribution[run_id]]
+            if self.projected or reattributed:
                 signals.spans_projected.send(sender=Run, project_id=self.project_id, changes=self.projected,
-                                             runs=runs)
+                                             reattributed=reattributed)
 
     def settle_runs(self) -> None:
         """Derived run fields (duration, a derived outcome, the failing span), then save the runs."""

@@ -1,13 +1,14 @@
 """Signals for apps above traces (costs, evals, the queue, the pages) to react to the run log without
 traces importing them.
 
-* ``spans_projected(sender=Run, project_id, changes: list[SpanChange], runs: list[Run])``: sent by
-  the projection *inside* its transaction, once per group of records it applied, after every record
+* ``spans_projected(sender=Run, project_id, changes: list[SpanChange], reattributed: list[Run])``: sent
+  by the projection *inside* its transaction, once per group of records it applied, after every record
   is applied and before the runs are saved: ``changes`` holds every span whose effective form (span +
-  late updates) changed, ``runs`` every run the group touched, as it now stands (its agent, end user
-  and key may have just arrived). A receiver that writes (a cost rollup) writes in the same
-  transaction, so what it derives is exact: it commits with the spans or not at all, and a re-sent
-  span that changes nothing is not in ``changes``. A receiver may move a run's cost
+  late updates) changed; ``reattributed`` every run that existed before the group and whose
+  attribution (``Run.attribution``: agent, version, end user, key) the group changed (OTLP's root
+  span, naming the agent, often arrives after its model calls). A receiver that writes (a cost rollup)
+  writes in the same transaction, so what it derives is exact: it commits with the spans or not at
+  all, and a re-sent span that changes nothing is not in ``changes``. A receiver may move a run's cost
   (``Run.add_cost``), which the projection then saves with the run. A receiver that raises fails the
   projection of those records (they are retried, then set aside as dead records): receivers must be
   correct and cheap.

@@ -173,13 +173,18 @@ def _flat_models(limit: int = 300) -> list[tuple[str, str]]:
 
 
 FLAT = _flat_models()
+# Models whose price also names units a span never reports (1-hour cache writes, audio, images).
+EXTRA_UNITS = [(m, p) for m, p in _flat_models(limit=10_000)
+               if any(k.endswith("_mtok") and k not in ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok")
+                      and v is not None for k, v in vars(pricing._model(m, p)[1].prices).items())]
+TIERED = [(m, p) for m, p in _flat_models(limit=10_000) if any(r[1] for r in pricing._flat_rates(m, p))]
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(FLAT), st.integers(0, 2_000_000), st.integers(0, 500_000), st.integers(0, 100_000),
        st.integers(0, 100_000), st.integers(0, 200_000))
 def test_the_flat_price_path_equals_the_package_for_any_usage(model_provider, uncached, out, read, write, reasoning):
-    """Flat prices are applied here in integers; for any usage they equal the package's calc_price."""
+    """Per-token prices (flat or tiered) are applied here in integers; for any usage they equal the package's calc_price."""
     model, provider = model_provider
     tokens = Tokens(input=uncached + read + write, output=out + reasoning, cache_read=read, cache_write=write,
                     reasoning=reasoning)
@@ -195,3 +200,28 @@ def test_a_response_model_the_database_does_not_know_falls_back_to_the_requested
     assert _pricer().price(call).cost_nanos == 29_000_000
     snapshot = {**call, "response_model": "gpt-4o-mini"}  # a known response model wins over the request
     assert _pricer().price(snapshot).cost_nanos < 29_000_000
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(TIERED), st.integers(0, 1_500_000), st.integers(0, 100_000), st.integers(0, 300_000))
+def test_tiered_prices_switch_tier_at_the_package_s_threshold(model_provider, uncached, out, read):
+    """A prompt past a tier's start pays that tier's rate on all its tokens, as the package computes it."""
+    model, provider = model_provider
+    tokens = Tokens(input=uncached + read, output=out, cache_read=read, cache_write=0, reasoning=0)
+    ours = pricing.package_price(tokens, model, provider, datetime.fromisoformat(WHEN))
+    found = pricing._model(model, provider)
+    theirs = found[1].calc_price(tokens.as_usage(), found[0], genai_request_timestamp=datetime.fromisoformat(WHEN))
+    assert ours[0] == int(theirs.total_price * NANOS_PER_USD)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(EXTRA_UNITS), st.integers(0, 500_000), st.integers(0, 50_000), st.integers(0, 50_000),
+       st.integers(0, 50_000), st.integers(0, 50_000))
+def test_prices_of_units_a_span_never_reports_add_nothing(model_provider, uncached, out, read, write, reasoning):
+    model, provider = model_provider
+    tokens = Tokens(input=uncached + read + write, output=out + reasoning, cache_read=read, cache_write=write,
+                    reasoning=reasoning)
+    ours = pricing.package_price(tokens, model, provider, datetime.fromisoformat(WHEN))
+    found = pricing._model(model, provider)
+    theirs = found[1].calc_price(tokens.as_usage(), found[0], genai_request_timestamp=datetime.fromisoformat(WHEN))
+    assert ours[0] == int(theirs.total_price * NANOS_PER_USD)
