@@ -39,6 +39,7 @@ class PriceOverrideAdmin(ProjectAdminEdits):
                     "cache_read_per_mtok", "cache_write_per_mtok", "reasoning_per_mtok", "note")
     list_filter = (VisibleProjectFilter, "provider")
     search_fields = ("model_pattern", "provider", "note")
+    list_select_related = ("project",)
     fields = ("project", "provider", "model_pattern", "effective_from", "input_per_mtok", "output_per_mtok",
               "cache_read_per_mtok", "cache_write_per_mtok", "reasoning_per_mtok", "note")
 
@@ -65,6 +66,7 @@ class PriceOverrideAdmin(ProjectAdminEdits):
 class CostSettingsAdmin(ProjectAdminEdits):
     list_display = ("project", "spike_factor", "spike_baseline_days", "spike_min_usd", "disagreement_margin",
                     "webhook_url")
+    list_select_related = ("project",)
     fields = ("project", *CostSettings.FIELDS)
 
     def save_model(self, request, obj, form, change):

@@ -172,6 +172,14 @@ def _flat_models(limit: int = 300) -> list[tuple[str, str]]:
     return out[:limit]
 
 
+def _as_the_package(model: str, provider: str, tokens: Tokens) -> None:
+    """Our price of ``tokens`` equals genai-prices' own calc_price, to the nano-USD."""
+    ours = pricing.package_price(tokens, model, provider, datetime.fromisoformat(WHEN))
+    found = pricing._model(model, provider)
+    theirs = found[1].calc_price(tokens.as_usage(), found[0], genai_request_timestamp=datetime.fromisoformat(WHEN))
+    assert ours[0] == int(theirs.total_price * NANOS_PER_USD)
+
+
 FLAT = _flat_models()
 # Models whose price also names units a span never reports (1-hour cache writes, audio, images).
 EXTRA_UNITS = [(m, p) for m, p in _flat_models(limit=10_000)
@@ -188,10 +196,7 @@ def test_the_flat_price_path_equals_the_package_for_any_usage(model_provider, un
     model, provider = model_provider
     tokens = Tokens(input=uncached + read + write, output=out + reasoning, cache_read=read, cache_write=write,
                     reasoning=reasoning)
-    ours = pricing.package_price(tokens, model, provider, datetime.fromisoformat(WHEN))
-    found = pricing._model(model, provider)
-    theirs = found[1].calc_price(tokens.as_usage(), found[0], genai_request_timestamp=datetime.fromisoformat(WHEN))
-    assert ours[0] == int(theirs.total_price * NANOS_PER_USD)
+    _as_the_package(model, provider, tokens)
 
 
 def test_a_response_model_the_database_does_not_know_falls_back_to_the_requested_one():
@@ -208,10 +213,7 @@ def test_tiered_prices_switch_tier_at_the_package_s_threshold(model_provider, un
     """A prompt past a tier's start pays that tier's rate on all its tokens, as the package computes it."""
     model, provider = model_provider
     tokens = Tokens(input=uncached + read, output=out, cache_read=read, cache_write=0, reasoning=0)
-    ours = pricing.package_price(tokens, model, provider, datetime.fromisoformat(WHEN))
-    found = pricing._model(model, provider)
-    theirs = found[1].calc_price(tokens.as_usage(), found[0], genai_request_timestamp=datetime.fromisoformat(WHEN))
-    assert ours[0] == int(theirs.total_price * NANOS_PER_USD)
+    _as_the_package(model, provider, tokens)
 
 
 @settings(max_examples=200, deadline=None)
@@ -221,7 +223,4 @@ def test_prices_of_units_a_span_never_reports_add_nothing(model_provider, uncach
     model, provider = model_provider
     tokens = Tokens(input=uncached + read + write, output=out + reasoning, cache_read=read, cache_write=write,
                     reasoning=reasoning)
-    ours = pricing.package_price(tokens, model, provider, datetime.fromisoformat(WHEN))
-    found = pricing._model(model, provider)
-    theirs = found[1].calc_price(tokens.as_usage(), found[0], genai_request_timestamp=datetime.fromisoformat(WHEN))
-    assert ours[0] == int(theirs.total_price * NANOS_PER_USD)
+    _as_the_package(model, provider, tokens)
