@@ -134,12 +134,15 @@ class CostSettings(models.Model):
 class SpanCost(models.Model):
     """One priced span. ``cost_nanos`` is what counts (None: unpriced, counted apart, never as 0)."""
 
-    # (No index of its own: (project, day, hour) serves it. Every index here is paid on each priced span.)
-    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="+", db_index=False)
+    # The run's project, copied for scoping. No index of its own ((project, day, hour) serves it) and no
+    # constraint of its own (the run's holds it): every index and check here is paid on each priced span.
+    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="+", db_index=False,
+                                db_constraint=False)
     run = models.ForeignKey("traces.Run", on_delete=models.CASCADE, related_name="span_costs")
-    # The span's row id and id, not a foreign key: spans are deleted in bulk by the retention sweep
-    # (no collector); this row goes with its run (the sweep deletes runs through the ORM).
-    span_pk = models.BigIntegerField(unique=True)
+    # The span's row id (this row's key: one index fewer to keep on every priced span than an id of
+    # its own) and id, not a foreign key: spans are deleted in bulk by the retention sweep (no
+    # collector); this row goes with its run (the sweep deletes runs through the ORM).
+    span_pk = models.BigIntegerField(primary_key=True)
     span_id = models.CharField(max_length=64)
     day = models.DateField(help_text="The call's day in the project's time zone.")
     hour = models.PositiveSmallIntegerField(help_text="The call's hour (0-23) in the project's time zone.")
@@ -169,7 +172,7 @@ class SpanCost(models.Model):
     objects = ProjectOwnedQuerySet.as_manager()
 
     class Meta:
-        ordering = ["-day", "-id"]
+        ordering = ["-day", "-span_pk"]
         indexes = [
             models.Index(fields=["project", "model", "provider"], name="budgets_spancost_unpriced",
                          condition=Q(source="unpriced")),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from functools import lru_cache
+from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
 from genai_prices import Usage, data_snapshot
@@ -63,9 +64,9 @@ def _ignored(key: str) -> bool:
 _MTOK = Decimal(10**6)
 
 
-@dataclass(frozen=True)
-class Tokens:
-    """A call's token counts in the package's convention (input includes cache, output reasoning)."""
+class Tokens(NamedTuple):
+    """A call's token counts in the package's convention (input includes cache, output reasoning).
+    (A named tuple: one is made per priced call, in the projection.)"""
 
     input: int
     output: int
@@ -179,7 +180,10 @@ def _lookup(model: str, provider: str) -> tuple | None:
     if found is None:
         return None
     prov, info = found
-    return prov, info, f"{PRICES_VERSION} {prov.id}/{info.id}", _flat_rates(model, provider_id)
+    rates = _flat_rates(model, provider_id)
+    if rates is not None:  # (the four rates themselves when none is tiered: most models)
+        rates = (None if any(tiers for _, tiers in rates) else tuple(base for base, _ in rates)), rates
+    return prov, info, f"{PRICES_VERSION} {prov.id}/{info.id}", rates
 
 
 def package_price(tokens: Tokens, model: str, provider: str, when: datetime | str) -> tuple[int, str] | None:
@@ -190,7 +194,8 @@ def package_price(tokens: Tokens, model: str, provider: str, when: datetime | st
         return None
     prov, info, ref, rates = found
     if rates is not None:
-        r_in, r_out, r_read, r_write = (_at(r, tokens.input) for r in rates)
+        flat, rates = rates
+        r_in, r_out, r_read, r_write = flat or [_at(r, tokens.input) for r in rates]
         uncached = tokens.input - tokens.cache_read - tokens.cache_write
         return (uncached * r_in + tokens.cache_read * r_read + tokens.cache_write * r_write
                 + tokens.output * r_out), ref
@@ -218,12 +223,6 @@ def is_model_call(eff: dict) -> bool:
 def priced_model(eff: dict) -> str:
     """The model a call is named by in costs: what answered (the response model), else what was asked for."""
     return eff.get("response_model") or eff.get("model") or ""
-
-
-def model_names(eff: dict) -> list[str]:
-    """The names to look a call's price up by, in order: the response model (what answered, often a
-    dated snapshot), then the requested model (when the database does not know the snapshot)."""
-    return list(dict.fromkeys(n for n in (eff.get("response_model"), eff.get("model")) if n))
 
 
 class Pricer:
@@ -260,11 +259,15 @@ class Pricer:
     def price(self, eff: dict) -> Priced | None:
         """The span's cost, or None when it is no model call (nothing to price) or an open one that
         has told neither usage nor cost yet."""
-        if not is_model_call(eff):
+        # (Runs once per changed span inside the projection: is_model_call and model_names inlined.)
+        get = eff.get
+        usage, response_model, requested, cost = get("usage"), get("response_model"), get("model"), get("cost_usd")
+        if get("kind") in AGGREGATE_KINDS or not (usage or response_model or requested or cost is not None):
             return None
-        reported = to_nanos(Decimal(eff["cost_usd"])) if eff.get("cost_usd") is not None else None
-        usage = eff.get("usage") or {}
-        names, provider = model_names(eff), eff.get("provider") or ""
+        reported = to_nanos(Decimal(cost)) if cost is not None else None
+        names = ((response_model, requested) if response_model and requested and response_model != requested
+                 else (response_model or requested,) if response_model or requested else ())
+        provider = get("provider") or ""
         model = names[0] if names else ""
         computed = ref = None
         source = CostSource.UNPRICED
@@ -277,10 +280,11 @@ class Pricer:
             if override is not None:
                 computed, ref, source = override_price(tokens, override), f"override #{override.pk}", CostSource.OVERRIDE
             else:
-                found = next((f for f in (package_price(tokens, n, provider, eff["start_time"]) for n in names)
-                              if f), None)
-                if found is not None:
-                    (computed, ref), source = found, CostSource.COMPUTED
+                for name in names:
+                    found = package_price(tokens, name, provider, eff["start_time"])
+                    if found is not None:
+                        (computed, ref), source = found, CostSource.COMPUTED
+                        break
         if reported is not None:
             disagree = computed is not None and abs(reported - computed) > self.margin * max(reported, computed)
             return Priced(CostSource.REPORTED, reported, computed, reported, ref or "", disagree)

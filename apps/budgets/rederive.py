@@ -96,10 +96,11 @@ def _repair_rollups(project: Project, day: date, report: Counter) -> None:
     deltas = Deltas()
     for sc in SpanCost.objects.filter(project=project, day=day).iterator(chunk_size=SPANS_PER_CHUNK):
         deltas.add(_as_row(sc), +1)
-    for model, want, measures, name in ((CostDay, deltas.day, MEASURES, "day_rollups"),
-                                        (CostDayUser, deltas.day_user, MEASURES, "day_user_rollups"),
-                                        (CostDayEndUser, deltas.day_end_user, MEASURES, "day_end_user_rollups"),
-                                        (CostHour, deltas.hour, HOUR_MEASURES, "hour_rollups")):
+    day_rows, day_user, day_end_user, hour = deltas.rollups()
+    for model, want, measures, name in ((CostDay, day_rows, MEASURES, "day_rollups"),
+                                        (CostDayUser, day_user, MEASURES, "day_user_rollups"),
+                                        (CostDayEndUser, day_end_user, MEASURES, "day_end_user_rollups"),
+                                        (CostHour, hour, HOUR_MEASURES, "hour_rollups")):
         have = {tuple(getattr(r, k) for k in model.KEY): r for r in model.objects.filter(project=project, day=day)}
         for key, values in want.items():
             row = have.pop(key, None)

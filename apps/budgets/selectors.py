@@ -119,7 +119,7 @@ def unpriced(*, principal, project_slug: str | None = None, since: date | None =
     return [{"project": r["project__slug"], "model": r["model"], "provider": r["provider"], "calls": r["calls"],
              "last_day": r["last_day"], "reason": r["reason"]}
             for r in qs.values("project__slug", "model", "provider")
-            .annotate(calls=Count("id"), last_day=Max("day"), reason=Max("price_ref"))
+            .annotate(calls=Count("span_pk"), last_day=Max("day"), reason=Max("price_ref"))
             .order_by("-calls", "model")[:200]]
 
 

@@ -20,6 +20,7 @@ from operator import itemgetter
 
 from django.db import connections, router
 from django.db.models import DateField, JSONField, Model
+from django.db.models.fields import AutoFieldMixin
 from django.utils import timezone
 
 
@@ -48,7 +49,13 @@ class _Rows:
 
 
 def _writable(model: type[Model]) -> list:
-    return [f for f in model._meta.concrete_fields if not f.generated and not f.primary_key]
+    """The columns a row gives: all but generated ones and a numbered primary key (a key of the
+    model's own, such as a span cost's span row id, is given like any column)."""
+    return [f for f in model._meta.concrete_fields if not f.generated and not _numbered(f)]
+
+
+def _numbered(field) -> bool:
+    return isinstance(field, AutoFieldMixin)
 
 
 def _check(model: type[Model], rows: list[dict]) -> None:
@@ -59,9 +66,12 @@ def _check(model: type[Model], rows: list[dict]) -> None:
 
 def insert_rows(model: type[Model], rows: list[dict], *, ids: bool = True) -> list[int]:
     """Insert ``rows`` and return their primary keys, in order (``ids=False``: return nothing, and on
-    PostgreSQL let the table's default number them, saving the query that draws them first)."""
+    PostgreSQL let the table's default number them, saving the query that draws them first; the only
+    way for a model whose rows carry their own primary key)."""
     if not rows:
         return []
+    if ids and not _numbered(model._meta.pk):
+        raise ValueError(f"{model._meta.label}'s rows carry their own keys: insert them with ids=False")
     _check(model, rows)
     using = router.db_for_write(model)
     connection = connections[using]

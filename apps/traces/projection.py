@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from django.db import connection
@@ -172,6 +173,7 @@ class _Application:
         self.parent_refs: dict[str, str] = {}
         self.projected: list[signals.SpanChange] = []
         self.attribution: dict[str, tuple] = {}  # each run's agent, version, end user and key as locked
+        self.at_end: list[Callable[[], None]] = []  # receivers' last writes (see signals.spans_projected)
 
     def run(self) -> None:
         self.lock_runs()
@@ -183,6 +185,8 @@ class _Application:
         self.link_runs()
         self.tell_listeners()
         self.settle_runs()
+        for finish in self.at_end:
+            finish()
 
     def lock_runs(self) -> None:
         """The runs touched: create placeholders for unknown ones, then lock them all (ordered by pk)."""
@@ -351,7 +355,7 @@ class _Application:
                             if run_id not in created and run.attribution != self.attribution[run_id]]
             if self.projected or reattributed:
                 signals.spans_projected.send(sender=Run, project_id=self.project_id, changes=self.projected,
-                                             reattributed=reattributed)
+                                             reattributed=reattributed, at_end=self.at_end.append)
 
     def settle_runs(self) -> None:
         """Derived run fields (duration, a derived outcome, the failing span), then save the runs."""

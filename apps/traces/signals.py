@@ -1,7 +1,7 @@
 """Signals for apps above traces (costs, evals, the queue, the pages) to react to the run log without
 traces importing them.
 
-* ``spans_projected(sender=Run, project_id, changes: list[SpanChange], reattributed: list[Run])``: sent
+* ``spans_projected(sender=Run, project_id, changes: list[SpanChange], reattributed: list[Run], at_end)``: sent
   by the projection *inside* its transaction, once per group of records it applied, after every record
   is applied and before the runs are saved: ``changes`` holds every span whose effective form (span +
   late updates) changed; ``reattributed`` every run that existed before the group and whose
@@ -9,7 +9,10 @@ traces importing them.
   span, naming the agent, often arrives after its model calls). A receiver that writes (a cost rollup)
   writes in the same transaction, so what it derives is exact: it commits with the spans or not at
   all, and a re-sent span that changes nothing is not in ``changes``. A receiver may move a run's cost
-  (``Run.add_cost``), which the projection then saves with the run. A receiver that raises fails the
+  (``Run.add_cost``), which the projection then saves with the run. ``at_end(fn)`` has ``fn()`` called
+  last in the group, after the runs are saved: writes to rows every projection shares (a day's
+  rollup) go there, so that concurrent projections wait on each other's row locks only for the
+  moment before commit, not for the rest of the group. A receiver that raises fails the
   projection of those records (they are retried, then set aside as dead records): receivers must be
   correct and cheap.
 * ``run_changed(sender=Run, run, new_span_ids, updated_span_ids)``: after commit, a run or its spans

@@ -118,3 +118,16 @@ def test_any_of_matches_members_and_nothing_for_an_empty_list(project):
     assert sorted(Run.objects.filter(run_id__any_of={"r1"}).values_list("run_id", flat=True)) == ["r1"]
     assert not Run.objects.filter(run_id__any_of=[]).exists()
     assert Run.objects.exclude(run_id__any_of=["r1"]).count() == 2
+
+
+def test_rows_that_carry_their_own_primary_key_are_inserted_with_it(project):
+    """A span cost is keyed by its span's row id: given like any column, never drawn from a sequence."""
+    from apps.budgets.models import SpanCost
+
+    run = Run.objects.create(project=project, run_id="r1", trace_id="t" * 32, started_at=timezone.now())
+    row = {"project_id": project.pk, "run_id": run.pk, "span_id": "a", "day": timezone.now().date(), "hour": 3,
+           "source": "computed", "cost_nanos": 12}
+    with pytest.raises(ValueError, match="own keys"):
+        insert_rows(SpanCost, [{**row, "span_pk": 41}])
+    assert insert_rows(SpanCost, [{**row, "span_pk": 41}, {**row, "span_pk": 7, "cost_nanos": None}], ids=False) == []
+    assert dict(SpanCost.objects.values_list("span_pk", "cost_nanos")) == {41: 12, 7: None}

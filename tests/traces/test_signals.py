@@ -1,5 +1,7 @@
 """What the run log tells the apps above it: ``spans_projected`` inside the projection's transaction
 (exact, for rollups), ``run_changed`` / ``run_finished`` after commit."""
+from contextlib import contextmanager
+
 import pytest
 
 from apps.traces import signals
@@ -13,6 +15,20 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def key(project, make_key):
     return make_key(project)[0]
+
+
+@contextmanager
+def listening(receiver):
+    signals.spans_projected.connect(receiver, sender=Run, weak=False)
+    try:
+        yield
+    finally:
+        signals.spans_projected.disconnect(receiver, sender=Run)
+
+
+def project_run(project, key, run_id: str, span_id: str) -> None:
+    accept(project, key, [start(run_id), span(run_id, span_id=span_id)])
+    drain()
 
 
 @pytest.fixture
@@ -52,11 +68,37 @@ def test_a_receiver_that_fails_sets_the_records_aside_rather_than_store_them_unt
     def broken(sender, **kwargs):
         raise RuntimeError("rollup bug")
 
-    signals.spans_projected.connect(broken, sender=Run, weak=False)
-    try:
-        accept(project, key, [start("r2"), span("r2", span_id="s1")])
-        drain()
-    finally:
-        signals.spans_projected.disconnect(broken, sender=Run)
+    with listening(broken):
+        project_run(project, key, "r2", "s1")
     assert not Span.objects.filter(span_id="s1").exists()
     assert DeadRecord.objects.filter(op="span", error__contains="rollup bug").exists()
+
+
+def test_at_end_runs_last_in_the_transaction_after_the_runs_are_saved(project, key):
+    seen = []
+
+    def receiver(sender, changes, at_end, **kwargs):
+        for c in changes:
+            c.run.add_cost(7)
+
+        def last():  # the run row already holds what the projection saved, and nothing is committed yet
+            run = Run.objects.get(run_id="r3")
+            seen.append((run.span_count, run.cost_usd, Span.objects.filter(span_id="s1").exists()))
+        at_end(last)
+
+    with listening(receiver):
+        project_run(project, key, "r3", "s1")
+    assert seen == [(1, Run.objects.get(run_id="r3").cost_usd, True)]
+    assert Run.objects.get(run_id="r3").cost_usd * 10**9 == 7
+
+
+def test_a_failing_last_write_fails_the_group_like_any_receiver(project, key):
+    def receiver(sender, at_end, **kwargs):
+        def last():
+            raise RuntimeError("rollup upsert bug")
+        at_end(last)
+
+    with listening(receiver):
+        project_run(project, key, "r4", "s9")
+    assert not Span.objects.filter(span_id="s9").exists()
+    assert DeadRecord.objects.filter(op="span", error__contains="rollup upsert bug").exists()
