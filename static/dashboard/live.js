@@ -4,8 +4,10 @@
 //   {"type": "remove", "key": k}                   a row that no longer matches the page's filters
 //   {"type": "changed"}                            something moved: re-read data-live-refresh (debounced;
 //                                                  with data-live-parts, each data-live-part is swapped)
-// The database stays the truth: after a reconnect the page re-reads its data-live-refresh fragment,
-// so a message lost while disconnected only delays the page.
+// The database stays the truth: each time the socket opens, the first time included, the page re-reads
+// its data-live-refresh fragment, so a change made between rendering the page and subscribing, or
+// while disconnected, only delays the page (a run projected just after the list was rendered was
+// otherwise missing until the next change).
 (function () {
   "use strict";
   var REFRESH_DEBOUNCE_MS = 150;
@@ -72,14 +74,13 @@
 
   function connect(el) {
     var refresh = el.dataset.liveRefresh ? refresher(el) : null;
-    var delay = 500, opened = false;
+    var delay = 500;
     function open() {
       var proto = location.protocol === "https:" ? "wss://" : "ws://";
       var ws = new WebSocket(proto + location.host + el.dataset.liveWs);
       ws.onopen = function () {
         setState("open");
-        if (opened && refresh) refresh();  // a reconnect: re-read what may have been missed
-        opened = true;
+        if (refresh) refresh();  // re-read what changed before this subscription began
         delay = 500;
       };
       ws.onmessage = function (event) {
