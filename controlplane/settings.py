@@ -322,3 +322,11 @@ EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.Emai
 EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
 EMAIL_PORT = env_int("EMAIL_PORT", 25, minimum=1)
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "controlplane@localhost")
+
+# --- Budgets (caps) --------------------------------------------------------------------------------
+# A reservation not settled within its time to live (the request's ttl_seconds, else this) is charged
+# in full by the sweep that runs every BUDGETS_EXPIRE_SWEEP_SECONDS.
+BUDGETS_RESERVATION_TTL_SECONDS = env_int("BUDGETS_RESERVATION_TTL_SECONDS", 600, minimum=1)
+BUDGETS_EXPIRE_SWEEP_SECONDS = env_int("BUDGETS_EXPIRE_SWEEP_SECONDS", 30, minimum=1)
+CELERY_BEAT_SCHEDULE["budgets-reservations-expire"] = {"task": "budgets.reservations_expire",
+                                                       "schedule": BUDGETS_EXPIRE_SWEEP_SECONDS}

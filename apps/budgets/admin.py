@@ -1,14 +1,27 @@
-"""Costs in the admin: price overrides and cost settings edited by project admins (through the
-audited services), the priced spans, day rollups and spikes read-only for every role."""
+"""Costs in the admin: price overrides, cost settings and budgets edited by project admins (through
+the audited services); the priced spans, day rollups, spikes, ledgers, reservations and alerts
+read-only for every role."""
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 
 from apps.projects.admin import ScopedAdminMixin, VisibleProjectFilter
 
 from . import services
-from .models import CostDay, CostSettings, CostSpike, PriceOverride, SpanCost
+from .models import (
+    Budget,
+    BudgetAlert,
+    BudgetLedger,
+    CostDay,
+    CostSettings,
+    CostSpike,
+    PriceOverride,
+    Reservation,
+    SpanCost,
+    nanos,
+)
 
 
 class ProjectAdminEdits(ScopedAdminMixin, admin.ModelAdmin):
@@ -124,3 +137,69 @@ class CostSpikeAdmin(ReadOnlyCosts):
                     "baseline_usd", "factor", "webhook_status", "email_status")
     list_filter = (VisibleProjectFilter, "period", "scope")
     list_select_related = ("project",)
+
+
+class BudgetForm(forms.ModelForm):
+    cap_usd = forms.DecimalField(max_digits=18, decimal_places=9, min_value=0, help_text="USD per period.")
+
+    class Meta:
+        model = Budget
+        fields = ("project", "name", "scope", "value", "period", "time_zone", "hard", "thresholds", "enabled")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.fields["cap_usd"].initial = self.instance.cap_usd
+
+
+@admin.register(Budget)
+class BudgetAdmin(ProjectAdminEdits):
+    form = BudgetForm
+    list_display = ("name", "project", "scope", "value", "period", "cap_usd", "hard", "thresholds", "enabled")
+    list_filter = (VisibleProjectFilter, "scope", "period", "hard", "enabled")
+    search_fields = ("name", "value")
+    list_select_related = ("project",)
+    fields = ("project", "name", "scope", "value", "period", "cap_usd", "time_zone", "hard", "thresholds", "enabled")
+
+    def save_model(self, request, obj, form, change):
+        self._check(request, obj)
+        values = {f: form.cleaned_data[f] for f in Budget.FIELDS if f in form.cleaned_data}
+        values["cap_nanos"] = nanos(form.cleaned_data["cap_usd"])
+        if change:
+            services.budget_update(budget=obj, actor=request.user, **values)
+        else:
+            created = services.budget_create(project=form.cleaned_data["project"], actor=request.user, **values)
+            obj.pk = created.pk
+
+    def delete_model(self, request, obj):
+        self._check(request, obj)
+        services.budget_delete(budget=obj, actor=request.user)
+
+    def delete_queryset(self, request, queryset):
+        for obj in queryset:
+            self.delete_model(request, obj)
+
+
+@admin.register(BudgetLedger)
+class BudgetLedgerAdmin(ReadOnlyCosts):
+    list_display = ("period_start", "project", "budget", "cap_nanos", "charged_nanos", "traced_nanos", "held_nanos",
+                    "reservations")
+    list_filter = (VisibleProjectFilter,)
+    list_select_related = ("project", "budget")
+
+
+@admin.register(Reservation)
+class ReservationAdmin(ReadOnlyCosts):
+    list_display = ("created_at", "project", "state", "agent_name", "end_user", "model", "run_id", "estimate_nanos",
+                    "charged_nanos", "refused_by")
+    list_filter = (VisibleProjectFilter, "state")
+    search_fields = ("run_id", "agent_name", "end_user", "model")
+    list_select_related = ("project", "refused_by")
+
+
+@admin.register(BudgetAlert)
+class BudgetAlertAdmin(ReadOnlyCosts):
+    list_display = ("created_at", "project", "budget", "period_start", "threshold", "spent_nanos", "cap_nanos",
+                    "webhook_status", "email_status")
+    list_filter = (VisibleProjectFilter,)
+    list_select_related = ("project", "budget")

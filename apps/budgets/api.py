@@ -6,20 +6,25 @@ from django.core.exceptions import ValidationError
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
 from rest_framework import status
+from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 
 from apps.common.api import ERROR_RESPONSES, query_params
 from apps.common.errors import ApiError, ErrorCode
-from apps.projects.permissions import PersonOnly, ProjectScopedAPIView, project_param, require_scope
+from apps.projects.permissions import PersonOnly, ProjectScopedAPIView, is_agent, project_param, require_scope
 
-from . import selectors, services
-from .models import PriceOverride
+from . import ledger, selectors, services
+from .models import Budget, PriceOverride, nanos, usd_text
 from .serializers import (
+    BudgetSerializer,
     CostQuery,
     CostSettingsSerializer,
     CostsOut,
     PriceOverrideSerializer,
+    ReservationIn,
+    ReservationOut,
     RunCostOut,
+    SettleIn,
     SinceQuery,
     SpikeOut,
     UnpricedOut,
@@ -162,3 +167,161 @@ class CostSettingsView(ProjectScopedAPIView):
         except ValidationError as exc:
             raise _invalid(exc) from None
         return Response(CostSettingsSerializer(cfg).data)
+
+
+# --- budgets (project admins) ---------------------------------------------------------------------
+
+
+class BudgetListView(ProjectScopedAPIView):
+    @extend_schema(summary="A project's budgets, each with its period in force (spent, held, remaining)",
+                   responses={200: BudgetSerializer(many=True), **ERROR_RESPONSES})
+    def get(self, request, slug: str):
+        require_scope(request, "read")
+        budgets = selectors.budgets_of_project(self.get_project(slug))
+        return Response(BudgetSerializer(budgets, many=True,
+                                         context={"current": selectors.budgets_current(budgets)}).data)
+
+    @extend_schema(summary="Add a budget (project admins; audited)", request=BudgetSerializer,
+                   responses={201: BudgetSerializer, **ERROR_RESPONSES})
+    def post(self, request, slug: str):
+        PersonOnly().has_permission(request, self)
+        project = self.get_project(slug)
+        self.require_perm(project, "change_project")
+        ser = BudgetSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        try:
+            budget = services.budget_create(project=project, actor=request.user, **ser.validated_data)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+        return Response(BudgetSerializer(budget, context={"current": selectors.budgets_current([budget])}).data,
+                        status=status.HTTP_201_CREATED)
+
+
+class BudgetDetailView(ProjectScopedAPIView):
+    def _get(self, slug: str, budget_id: int) -> Budget:
+        return get_object_or_404(Budget.objects.select_related("project"), project=self.get_project(slug),
+                                 pk=budget_id)
+
+    @extend_schema(summary="A budget and its period in force", responses={200: BudgetSerializer, **ERROR_RESPONSES})
+    def get(self, request, slug: str, budget_id: int):
+        require_scope(request, "read")
+        budget = self._get(slug, budget_id)
+        return Response(BudgetSerializer(budget, context={"current": selectors.budgets_current([budget])}).data)
+
+    @extend_schema(summary="Change a budget (project admins; audited). A new cap applies to the next "
+                           "reservation, in the period in force.", request=BudgetSerializer,
+                   responses={200: BudgetSerializer, **ERROR_RESPONSES})
+    def patch(self, request, slug: str, budget_id: int):
+        PersonOnly().has_permission(request, self)
+        budget = self._get(slug, budget_id)
+        self.require_perm(budget.project, "change_project")
+        ser = BudgetSerializer(budget, data=request.data, partial=True)
+        ser.is_valid(raise_exception=True)
+        try:
+            budget = services.budget_update(budget=budget, actor=request.user, **ser.validated_data)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+        return Response(BudgetSerializer(budget, context={"current": selectors.budgets_current([budget])}).data)
+
+    @extend_schema(summary="Remove a budget (project admins; audited)", responses={204: None, **ERROR_RESPONSES})
+    def delete(self, request, slug: str, budget_id: int):
+        PersonOnly().has_permission(request, self)
+        budget = self._get(slug, budget_id)
+        self.require_perm(budget.project, "change_project")
+        services.budget_delete(budget=budget, actor=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+# --- reservations (the call boundary: agent keys with the budget scope) ----------------------------
+
+
+def _agent_with_budget_scope(request) -> None:
+    if not is_agent(request):
+        raise PermissionDenied("Reservations are made by an API key with the 'budget' scope.",
+                               code=ErrorCode.API_KEY_REQUIRED)
+    require_scope(request, "budget")
+
+
+def budget_exceeded(exc: ledger.BudgetExceeded) -> ApiError:
+    first = exc.refusals[0]
+    return ApiError(
+        ErrorCode.BUDGET_EXCEEDED,
+        f"Budget '{first['name']}' would pass its cap: ${first['spent_usd']} spent and ${first['held_usd']} held "
+        f"of ${first['cap_usd']} this {first['period']}; it resets at {first['resets_at']}.",
+        status_code=402, details={"budget": first, "refused_by": exc.refusals, "reservation_id": exc.reservation.pk,
+                                  "requested_usd": usd_text(exc.requested)})
+
+
+class ReservationCreateView(ProjectScopedAPIView):
+    @extend_schema(summary="Reserve budget before a paid call (agent keys, budget scope)",
+                   description="Holds an upper bound of the call's cost under every budget that applies (project, "
+                               "agent, end user, model, key), in one conditional write: under any concurrency the "
+                               "charged and held sum never passes a hard cap. 402 budget_exceeded names the budget; "
+                               "422 model_unpriced for a model with no price (unless the project admits those).",
+                   request=ReservationIn, responses={201: ReservationOut, **ERROR_RESPONSES})
+    def post(self, request):
+        _agent_with_budget_scope(request)
+        ser = ReservationIn(data=request.data)
+        ser.is_valid(raise_exception=True)
+        d = ser.validated_data
+        key = request.user
+        try:
+            held = services.reservation_create(
+                project_id=key.project_id, api_key_id=key.pk,
+                estimated_nanos=None if d.get("estimated_cost_usd") is None else nanos(d["estimated_cost_usd"]),
+                input_tokens=d["input_tokens"], max_output_tokens=d.get("max_output_tokens"), agent=d["agent"],
+                end_user=d["end_user"], model=d["model"], provider=d["provider"], run_id=d["run_id"],
+                ttl_seconds=d.get("ttl_seconds"))
+        except ledger.BudgetExceeded as exc:
+            raise budget_exceeded(exc) from None
+        except services.ModelUnpriced as exc:
+            raise ApiError(ErrorCode.MODEL_UNPRICED, str(exc), status_code=422,
+                           details={"model": d["model"], "provider": d["provider"]}) from None
+        return Response(selectors.reservation_out(held.reservation, held.budgets), status=status.HTTP_201_CREATED)
+
+
+class ReservationDetailView(ProjectScopedAPIView):
+    @extend_schema(summary="A reservation", responses={200: ReservationOut, **ERROR_RESPONSES})
+    def get(self, request, reservation_id: int):
+        require_scope(request, "budget")
+        return Response(selectors.reservation_out(selectors.reservation(principal=self.access,
+                                                                        reservation_id=reservation_id)))
+
+
+def _closed(exc: ledger.ReservationClosed) -> ApiError:
+    return ApiError(ErrorCode.RESERVATION_CLOSED, f"The reservation is {exc.reservation.state}.", status_code=409,
+                    details={"state": exc.reservation.state})
+
+
+class ReservationSettleView(ProjectScopedAPIView):
+    @extend_schema(summary="Settle a reservation with the call's usage or cost (idempotent)",
+                   description="Charges the actual cost (usage priced as the costs price a span) and releases the "
+                               "rest. A repeated settle changes nothing and answers the same; an expired "
+                               "reservation (charged in full) is reconciled once.",
+                   request=SettleIn, responses={200: ReservationOut, **ERROR_RESPONSES})
+    def post(self, request, reservation_id: int):
+        _agent_with_budget_scope(request)
+        reservation = selectors.reservation(principal=self.access, reservation_id=reservation_id)
+        ser = SettleIn(data=request.data)
+        ser.is_valid(raise_exception=True)
+        d = ser.validated_data
+        try:
+            reservation = services.reservation_settle(
+                reservation=reservation, cost_nanos=None if d.get("cost_usd") is None else nanos(d["cost_usd"]),
+                usage=d.get("usage"))
+        except ledger.ReservationClosed as exc:
+            raise _closed(exc) from None
+        return Response(selectors.reservation_out(reservation))
+
+
+class ReservationReleaseView(ProjectScopedAPIView):
+    @extend_schema(summary="Release a reservation whose call never happened (idempotent)",
+                   request=None, responses={200: ReservationOut, **ERROR_RESPONSES})
+    def post(self, request, reservation_id: int):
+        _agent_with_budget_scope(request)
+        reservation = selectors.reservation(principal=self.access, reservation_id=reservation_id)
+        try:
+            reservation = services.reservation_release(reservation=reservation)
+        except ledger.ReservationClosed as exc:
+            raise _closed(exc) from None
+        return Response(selectors.reservation_out(reservation))

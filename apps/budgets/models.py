@@ -28,6 +28,11 @@ def usd(nanos: int | None) -> Decimal | None:
     return None if nanos is None else Decimal(nanos).scaleb(-9)
 
 
+def usd_text(nanos_: int) -> str:
+    """Nano-USD as the API writes money: a decimal string with nine places ("0.000000000")."""
+    return f"{Decimal(nanos_).scaleb(-9):.9f}"
+
+
 def nanos(amount: Decimal) -> int:
     return int((amount * NANOS_PER_USD).to_integral_value())
 
@@ -114,12 +119,15 @@ class CostSettings(models.Model):
                                               "webhook allowlist).")
     alert_emails = models.JSONField(default=list, blank=True, help_text='Addresses emailed on a spike, e.g. '
                                                                         '["finops@example.com"].')
+    unpriced_reservations = models.BooleanField(
+        default=False, help_text="Admit a reservation for a model with no price (holding nothing); "
+                                 "otherwise it is refused (model_unpriced).")
     updated_at = models.DateTimeField(auto_now=True)
 
     objects = ProjectOwnedQuerySet.as_manager()
 
     FIELDS = ("disagreement_margin", "spike_factor", "spike_baseline_days", "spike_min_usd", "webhook_url",
-              "alert_emails")
+              "alert_emails", "unpriced_reservations")
 
     class Meta:
         verbose_name_plural = "cost settings"
@@ -167,6 +175,9 @@ class SpanCost(models.Model):
                                  help_text="The price entry: genai-prices <version> <provider>/<model>, or override #id.")
     disagreement = models.BooleanField(
         default=False, help_text="Reported and computed cost differ by more than the project's margin.")
+    # The reservation the call was made under (the span's ``controlplane.reservation_id`` attribute; the
+    # gateway sets it), 0 if none: its cost reached the budgets' ledgers by the settle, not by the trace.
+    reservation_id = models.BigIntegerField(default=0)
     updated_at = models.DateTimeField(auto_now=True)
 
     objects = ProjectOwnedQuerySet.as_manager()
@@ -347,3 +358,175 @@ class CostSpike(models.Model):
     @property
     def baseline_usd(self) -> Decimal:
         return usd(self.baseline_nanos)
+
+
+class Budget(models.Model):
+    """A cap on spend in a period (a day, or a month) of the budget's time zone, for the whole project
+    or one agent, end user, model or API key. A hard budget refuses a reservation that would take its
+    period past the cap; a soft one only alerts. What a period has used is its ``BudgetLedger`` row."""
+
+    class Scope(models.TextChoices):
+        PROJECT = "project", "The whole project"
+        AGENT = "agent", "One agent"
+        END_USER = "end_user", "One end user"
+        MODEL = "model", "One model"
+        API_KEY = "api_key", "One API key"
+
+    class Period(models.TextChoices):
+        DAY = "day"
+        MONTH = "month"
+
+    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="budgets")
+    name = models.CharField(max_length=100)
+    scope = models.CharField(max_length=16, choices=Scope.choices, default=Scope.PROJECT)
+    value = models.CharField(max_length=256, blank=True,
+                             help_text="The agent's name, the end user, the model, or the API key's id; empty for "
+                                       "the whole project.")
+    period = models.CharField(max_length=8, choices=Period.choices, default=Period.DAY)
+    cap_nanos = models.BigIntegerField(validators=[MinValueValidator(0)], help_text="nano-USD")
+    time_zone = models.CharField(max_length=64, blank=True,
+                                 help_text="Where the period's day starts (IANA name); empty: the project's.")
+    hard = models.BooleanField(default=True, help_text="Refuse what would go past the cap (else alert only).")
+    thresholds = models.JSONField(default=list, blank=True,
+                                  help_text="Percentages of the cap whose crossing alerts, e.g. [80, 100].")
+    enabled = models.BooleanField(default=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = ProjectOwnedQuerySet.as_manager()
+
+    FIELDS = ("name", "scope", "value", "period", "cap_nanos", "time_zone", "hard", "thresholds", "enabled")
+
+    class Meta:
+        ordering = ["project", "name"]
+        constraints = [models.UniqueConstraint(fields=["project", "name"], name="budgets_budget_name")]
+
+    def __str__(self) -> str:
+        what = f"{self.scope} {self.value}" if self.value else self.scope
+        return f"{self.name} ({what}, ${usd(self.cap_nanos)}/{self.period})"
+
+    @property
+    def cap_usd(self) -> Decimal:
+        return usd(self.cap_nanos)
+
+    def clean(self) -> None:
+        from apps.projects.models import validate_time_zone
+
+        errors = {}
+        if self.scope == self.Scope.PROJECT and self.value:
+            errors["value"] = "A project budget names no value."
+        if self.scope != self.Scope.PROJECT and not self.value:
+            errors["value"] = f"A budget of one {self.scope.replace('_', ' ')} names it."
+        if self.scope == self.Scope.API_KEY and self.value and not self.value.isdigit():
+            errors["value"] = "An API key budget names the key's id."
+        if self.time_zone:
+            try:
+                validate_time_zone(self.time_zone)
+            except ValidationError as exc:
+                errors["time_zone"] = exc.messages[0]
+        if (not isinstance(self.thresholds, list) or len(self.thresholds) > 10
+                or not all(isinstance(t, int) and not isinstance(t, bool) and 0 < t <= 1000 for t in self.thresholds)):
+            errors["thresholds"] = "A list of at most 10 whole percentages (1 to 1000)."
+        if errors:
+            raise ValidationError(errors)
+
+    def as_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+
+class BudgetLedger(models.Model):
+    """What one budget's period has used: charged (settled reservations), traced (spend that arrived
+    through traces without a reservation) and held (reservations not yet settled). A reservation is
+    one conditional upsert of these rows (``reservations.reserve``): used + held never passes a hard
+    cap. ``cap_nanos`` and ``hard`` are the budget's at the last write."""
+
+    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="+")
+    budget = models.ForeignKey(Budget, on_delete=models.CASCADE, related_name="ledger")
+    period_start = models.DateField(help_text="The period's first day in the budget's time zone.")
+    cap_nanos = models.BigIntegerField()
+    hard = models.BooleanField()
+    charged_nanos = models.BigIntegerField(default=0)
+    traced_nanos = models.BigIntegerField(default=0)
+    held_nanos = models.BigIntegerField(default=0)
+    reservations = models.BigIntegerField(default=0, help_text="Reservations admitted in the period.")
+
+    objects = ProjectOwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["budget", "-period_start"]
+        constraints = [models.UniqueConstraint(fields=["budget", "period_start"], name="budgets_ledger_period")]
+
+    def __str__(self) -> str:
+        return f"{self.budget_id} from {self.period_start}: ${usd(self.spent_nanos)} + ${usd(self.held_nanos)} held"
+
+    @property
+    def spent_nanos(self) -> int:
+        return self.charged_nanos + self.traced_nanos
+
+
+class Reservation(models.Model):
+    """Money held for one call before it is made, then settled with what it cost (or released, or
+    charged in full when it expires unsettled). Per call: not audited (the run log's, not a change)."""
+
+    class State(models.TextChoices):
+        HELD = "held"
+        SETTLED = "settled"
+        RELEASED = "released"
+        EXPIRED = "expired"
+        REFUSED = "refused"
+
+    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="+")
+    api_key_id = models.BigIntegerField(default=0)
+    agent_name = models.CharField(max_length=200, blank=True)
+    end_user = models.CharField(max_length=256, blank=True)
+    model = models.CharField(max_length=200, blank=True)
+    provider = models.CharField(max_length=100, blank=True)
+    run_id = models.CharField(max_length=128, blank=True)
+    state = models.CharField(max_length=16, choices=State.choices)
+    estimate_nanos = models.BigIntegerField(help_text="What was held (an upper bound of the call's cost).")
+    charged_nanos = models.BigIntegerField(null=True, blank=True)
+    ledger_ids = models.JSONField(default=list, help_text="The ledger rows it holds on.")
+    usage = models.JSONField(null=True, blank=True)
+    refused_by = models.ForeignKey(Budget, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+    closed_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ProjectOwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["expires_at"], name="budgets_reservation_due", condition=Q(state="held")),
+            models.Index(fields=["project", "run_id"], name="budgets_reservation_run"),
+            models.Index(fields=["project", "-created_at"], name="budgets_reservation_recent"),
+        ]
+
+    def __str__(self) -> str:
+        return f"reservation {self.pk} {self.state} ${usd(self.estimate_nanos)}"
+
+
+class BudgetAlert(models.Model):
+    """A budget's period crossed one of its thresholds (recorded once per period and threshold)."""
+
+    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="+")
+    budget = models.ForeignKey(Budget, on_delete=models.CASCADE, related_name="alerts")
+    period_start = models.DateField()
+    threshold = models.PositiveSmallIntegerField(help_text="Percent of the cap.")
+    spent_nanos = models.BigIntegerField()
+    cap_nanos = models.BigIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    webhook_status = models.CharField(max_length=200, blank=True)
+    email_status = models.CharField(max_length=200, blank=True)
+
+    objects = ProjectOwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [models.UniqueConstraint(fields=["budget", "period_start", "threshold"],
+                                               name="budgets_alert_once")]
+
+    def __str__(self) -> str:
+        return f"{self.budget} at {self.threshold}% from {self.period_start}"

@@ -214,6 +214,38 @@ def override_price(tokens: Tokens, o: PriceOverride) -> int:
     return to_nanos(usd)
 
 
+def _highest(rate: Rate) -> int:
+    base, tiers = rate
+    return max([base, *(r for _, r in tiers)])
+
+
+def package_estimate(model: str, provider: str, input_tokens: int, max_output_tokens: int,
+                     when: datetime) -> tuple[int, str] | None:
+    """An upper bound of what a call can cost at genai-prices' price: every prompt token at the dearer
+    of the input and cache-write prices, every output token at the output price, each at its highest
+    tier. None for a model the package does not know."""
+    found = _lookup(model, provider)
+    if found is None:
+        return None
+    prov, info, ref, rates = found
+    if rates is not None:
+        r_in, r_out, _, r_write = (_highest(r) for r in rates[1])
+        return input_tokens * max(r_in, r_write) + max_output_tokens * r_out, ref
+    worst = 0
+    for tokens in (Tokens(input_tokens, max_output_tokens, 0, 0, 0),
+                   Tokens(input_tokens, max_output_tokens, 0, input_tokens, 0),
+                   Tokens(input_tokens, max_output_tokens, 0, 0, max_output_tokens)):
+        worst = max(worst, to_nanos(info.calc_price(tokens.as_usage(), prov, genai_request_timestamp=when).total_price))
+    return worst, ref
+
+
+def override_estimate(o: PriceOverride, input_tokens: int, max_output_tokens: int) -> int:
+    """The same upper bound at a project's own price."""
+    in_rate = max(o.input_per_mtok, o.cache_write_per_mtok if o.cache_write_per_mtok is not None else 0)
+    out_rate = max(o.output_per_mtok, o.reasoning_per_mtok if o.reasoning_per_mtok is not None else 0)
+    return to_nanos((input_tokens * in_rate + max_output_tokens * out_rate) / _MTOK)
+
+
 def is_model_call(eff: dict) -> bool:
     """A span that is priced: a model call (or an iteration that reported its cost)."""
     return eff.get("kind") not in AGGREGATE_KINDS and bool(
@@ -255,6 +287,14 @@ class Pricer:
             if best is None or rank > best[0]:
                 best = (rank, o)
         return best[1] if best else None
+
+    def estimate(self, model: str, provider: str, input_tokens: int, max_output_tokens: int,
+                 when: datetime) -> tuple[int, str] | None:
+        """(nano-USD, price reference): the most a call of this model can cost, or None (unpriced)."""
+        override = self.override_for(model, provider, when.astimezone(self.tz).date()) if self.overrides() else None
+        if override is not None:
+            return override_estimate(override, input_tokens, max_output_tokens), f"override #{override.pk}"
+        return package_estimate(model, provider, input_tokens, max_output_tokens, when)
 
     def price(self, eff: dict) -> Priced | None:
         """The span's cost, or None when it is no model call (nothing to price) or an open one that

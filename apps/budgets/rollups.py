@@ -27,6 +27,7 @@ from apps.projects.models import Project
 from apps.traces.models import Span
 from apps.traces.records import parse_time
 
+from .ledger import add_traced
 from .models import CostDay, CostDayEndUser, CostDayUser, CostHour, CostSettings, SpanCost
 from .pricing import AGGREGATE_KINDS, LOOP_ITERATION, Priced, Pricer, priced_model
 from .pricing import is_model_call as pricing_is_call
@@ -46,7 +47,22 @@ def _pricing_inputs(eff: dict | None) -> tuple | None:
         return None
     return (eff.get("kind"), eff.get("model"), eff.get("response_model"), eff.get("provider"),
             tuple(sorted((eff.get("usage") or {}).items())), eff.get("cost_usd"), eff.get("start_time"),
-            bool(eff.get("end_time")))
+            bool(eff.get("end_time")), reservation_of(eff))
+
+
+RESERVATION_ATTRIBUTE = "controlplane.reservation_id"
+
+
+def reservation_of(eff: dict) -> int:
+    """The reservation a call was made under (its span's ``controlplane.reservation_id``), or 0."""
+    attributes = eff.get("attributes")
+    if not attributes:
+        return 0
+    value = attributes.get(RESERVATION_ATTRIBUTE)
+    try:
+        return int(value) if value is not None and 0 < int(value) < 2**63 else 0
+    except (TypeError, ValueError):
+        return 0
 
 
 def pricer_for(project_id: int) -> tuple[Pricer, ZoneInfo]:
@@ -73,7 +89,7 @@ def span_cost_row(*, project_id: int, run, span_pk: int, eff: dict, priced: Pric
         "reasoning_tokens": usage.get("reasoning_tokens") or 0,
         "source": priced.source, "cost_nanos": priced.cost_nanos, "computed_nanos": priced.computed_nanos,
         "reported_nanos": priced.reported_nanos, "price_ref": priced.price_ref[:300],
-        "disagreement": priced.disagreement,
+        "disagreement": priced.disagreement, "reservation_id": reservation_of(eff),
     }
 
 
@@ -93,7 +109,7 @@ class Deltas:
     def add(self, row: dict, sign: int) -> None:
         cost = row["cost_nanos"]
         key = (row["project_id"], row["day"], row["hour"], row["end_user"], row["agent_name"], row["agent_version"],
-               row["api_key_id"], row["model"], row["provider"])
+               row["api_key_id"], row["model"], row["provider"], row["reservation_id"] != 0)
         acc = self.cube.get(key)
         if acc is None:
             acc = self.cube[key] = [0] * len(MEASURES)
@@ -114,7 +130,7 @@ class Deltas:
         day_user: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(MEASURES))
         day_end_user: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(MEASURES))
         hour: dict[tuple, list[int]] = defaultdict(lambda: [0] * len(HOUR_MEASURES))
-        for (p, d, h, user, agent, version, key, model, provider), values in self.cube.items():
+        for (p, d, h, user, agent, version, key, model, provider, _), values in self.cube.items():
             for acc in (day[(p, d, agent, version, key, model, provider)],
                         day_user[(p, d, user, agent, version, key, model, provider)], day_end_user[(p, d, user)]):
                 acc[:] = map(int.__add__, acc, values)
@@ -124,6 +140,15 @@ class Deltas:
                     acc[0] += values[0]
                     acc[1] += values[1]
         return day, day_user, day_end_user, hour
+
+    def unreserved(self) -> dict[tuple, int]:
+        """Nano-USD per (project, day, hour, end user, agent, key, model) of the calls made without a
+        reservation: what the budgets' ledgers learn from the traces (``ledger.add_traced``)."""
+        out: dict[tuple, int] = defaultdict(int)
+        for (p, d, h, user, agent, _, key, model, _, reserved), values in self.cube.items():
+            if not reserved and values[0]:
+                out[(p, d, h, user, agent, key, model)] += values[0]
+        return out
 
     def write(self) -> None:
         day, day_user, day_end_user, hour = self.rollups()
@@ -166,7 +191,7 @@ def _upsert(model, key_cols: tuple[str, ...], measures: tuple[str, ...], deltas:
 
 _ROW_FIELDS = ("project_id", "run_id", "span_pk", "span_id", "day", "hour", "kind", "agent_name", "agent_version",
                "end_user", "api_key_id", "model", "provider", *TOKENS, "source", "cost_nanos", "computed_nanos",
-               "reported_nanos", "price_ref", "disagreement")
+               "reported_nanos", "price_ref", "disagreement", "reservation_id")
 
 
 def _as_row(sc: SpanCost) -> dict:
@@ -226,10 +251,14 @@ def on_spans_projected(sender, *, project_id: int, changes, reattributed=(), at_
             SpanCost.objects.bulk_update(changed, [f for f in _ROW_FIELDS if f not in ("project_id", "span_pk")])
     if todo:
         _cover_parents(project_id, todo, deltas)
-    if at_end is None:
+    def write() -> None:
         deltas.write()
+        add_traced(deltas.unreserved())
+
+    if at_end is None:
+        write()
     else:
-        at_end(deltas.write)
+        at_end(write)
     if moved:
         logger.debug("costs: moved %d rows to their run's new attribution", moved)
 

@@ -9,12 +9,24 @@ from zoneinfo import ZoneInfo
 
 from django.db.models import BigIntegerField, Count, F, Max, Q, Sum
 from django.db.models.functions import Cast
+from django.http import Http404
 from django.utils import timezone
 
 from apps.projects.models import ApiKey, Project
 from apps.traces import selectors as traces_selectors
 
-from .models import CostDay, CostDayEndUser, CostDayUser, CostSpike, SpanCost, usd
+from .models import (
+    Budget,
+    BudgetLedger,
+    CostDay,
+    CostDayEndUser,
+    CostDayUser,
+    CostSpike,
+    Reservation,
+    SpanCost,
+    usd,
+    usd_text,
+)
 
 # group_by names (the API's) and the rollup columns behind them.
 DIMENSIONS = {"project": "project__slug", "day": "day", "agent": "agent_name", "version": "agent_version",
@@ -163,3 +175,45 @@ def agent_costs(*, principal, project_slug: str | None, since: datetime, until: 
             {"cost_usd": usd(r["c"]), "calls": r["n"], "unpriced_calls": r["u"]}
             for r in qs.values("project__slug", "agent_name", "agent_version")
             .annotate(c=Sum("cost_nanos"), n=Sum("calls"), u=Sum("unpriced_calls"))}
+
+
+# --- budgets and reservations ---------------------------------------------------------------------
+
+
+def budgets_current(budgets: list[Budget], *, now: datetime | None = None) -> dict[int, dict]:
+    """Each budget's period in force: spent, held, remaining, when it resets (one query)."""
+    from .ledger import Applicable, _zone
+
+    now = now or timezone.now()
+    applicable = {b.pk: Applicable(b.pk, b.project_id, b.name, b.scope, b.value, b.period, b.cap_nanos, b.hard,
+                                   _zone(b.time_zone or b.project.time_zone), tuple(b.thresholds or ()))
+                  for b in budgets}
+    starts = {pk: a.period_of(now) for pk, a in applicable.items()}
+    rows = {(r.budget_id, r.period_start): r for r in BudgetLedger.objects.filter(budget_id__in=list(applicable),
+                                                                                 period_start__in=set(starts.values()))}
+    out = {}
+    for pk, a in applicable.items():
+        row = rows.get((pk, starts[pk]))
+        out[pk] = a.as_out(start=starts[pk], charged=row.charged_nanos if row else 0,
+                           traced=row.traced_nanos if row else 0, held=row.held_nanos if row else 0)
+    return out
+
+
+def budgets_of_project(project: Project) -> list[Budget]:
+    return list(Budget.objects.filter(project=project).select_related("project").order_by("name"))
+
+
+def reservation(*, principal, reservation_id: int) -> Reservation:
+    """One reservation the caller may see (a key: its project's), else 404."""
+    found = Reservation.objects.visible_to(principal).filter(pk=reservation_id).first()
+    if found is None:
+        raise Http404
+    return found
+
+
+def reservation_out(r: Reservation, budgets: list[dict] | None = None) -> dict[str, Any]:
+    return {"id": r.pk, "state": r.state, "held_usd": usd_text(r.estimate_nanos),
+            "charged_usd": None if r.charged_nanos is None else usd_text(r.charged_nanos), "agent": r.agent_name,
+            "end_user": r.end_user, "model": r.model, "provider": r.provider, "run_id": r.run_id,
+            "created_at": r.created_at, "expires_at": r.expires_at, "closed_at": r.closed_at,
+            **({"budgets": budgets} if budgets is not None else {})}

@@ -1,6 +1,9 @@
+from decimal import Decimal
+
+from django.core.validators import RegexValidator
 from rest_framework import serializers
 
-from .models import CostSettings, CostSource, PriceOverride
+from .models import Budget, CostSettings, CostSource, PriceOverride, nanos
 from .selectors import DIMENSIONS
 
 
@@ -169,3 +172,116 @@ class CostSettingsSerializer(serializers.ModelSerializer):
         model = CostSettings
         fields = list(CostSettings.FIELDS)
 
+
+
+# --- budgets and reservations ---------------------------------------------------------------------
+
+_MAX_TOKENS = 10**9
+
+
+class BudgetSerializer(serializers.ModelSerializer):
+    cap_usd = serializers.DecimalField(max_digits=18, decimal_places=9, min_value=Decimal(0),
+                                       max_value=Decimal(9 * 10**9), help_text="USD per period.")
+    thresholds = serializers.ListField(child=serializers.IntegerField(min_value=1, max_value=1000), max_length=10,
+                                       required=False, help_text="Percentages of the cap that alert when crossed.")
+    current = serializers.SerializerMethodField(help_text="The period in force: spent, held, remaining.")
+
+    class Meta:
+        model = Budget
+        fields = ["id", "name", "scope", "value", "period", "cap_usd", "time_zone", "hard", "thresholds", "enabled",
+                  "created_at", "updated_at", "current"]
+        read_only_fields = ["id", "created_at", "updated_at", "current"]
+
+    def get_current(self, obj) -> dict | None:
+        return (self.context.get("current") or {}).get(obj.pk)
+
+    def to_representation(self, instance):
+        data = super().to_representation(instance)
+        data["cap_usd"] = f"{instance.cap_usd:.9f}"
+        return data
+
+    def to_internal_value(self, data):
+        values = super().to_internal_value(data)
+        if "cap_usd" in values:
+            values["cap_nanos"] = nanos(values.pop("cap_usd"))
+        return values
+
+
+class SettleUsageIn(serializers.Serializer):
+    input_tokens = serializers.IntegerField(min_value=0, max_value=_MAX_TOKENS, required=False, default=0)
+    output_tokens = serializers.IntegerField(min_value=0, max_value=_MAX_TOKENS, required=False, default=0)
+    cache_read_tokens = serializers.IntegerField(min_value=0, max_value=_MAX_TOKENS, required=False, default=0)
+    cache_write_tokens = serializers.IntegerField(min_value=0, max_value=_MAX_TOKENS, required=False, default=0)
+    reasoning_tokens = serializers.IntegerField(min_value=0, max_value=_MAX_TOKENS, required=False, default=0)
+
+
+_NO_NUL = RegexValidator(r"^[^\x00]*$", "must not contain NUL.")
+
+
+class ReservationIn(serializers.Serializer):
+    agent = serializers.CharField(max_length=200, required=False, default="", allow_blank=True, validators=[_NO_NUL])
+    end_user = serializers.CharField(max_length=256, required=False, default="", allow_blank=True,
+                                     validators=[_NO_NUL])
+    model = serializers.CharField(max_length=200, required=False, default="", allow_blank=True, validators=[_NO_NUL])
+    provider = serializers.CharField(max_length=100, required=False, default="", allow_blank=True,
+                                     validators=[_NO_NUL])
+    run_id = serializers.CharField(max_length=128, required=False, default="", allow_blank=True,
+                                   validators=[_NO_NUL])
+    estimated_cost_usd = serializers.DecimalField(max_digits=18, decimal_places=9, min_value=Decimal(0),
+                                                  max_value=Decimal(10**6), required=False,
+                                                  help_text="An upper bound of the call's cost; or give the model "
+                                                            "and max_output_tokens.")
+    input_tokens = serializers.IntegerField(min_value=0, max_value=_MAX_TOKENS, required=False, default=0)
+    max_output_tokens = serializers.IntegerField(min_value=0, max_value=_MAX_TOKENS, required=False)
+    ttl_seconds = serializers.IntegerField(min_value=1, max_value=24 * 3600, required=False,
+                                           help_text="Unsettled after this, it is charged in full (default: the "
+                                                     "server's BUDGETS_RESERVATION_TTL_SECONDS).")
+
+    def validate(self, attrs):
+        if attrs.get("estimated_cost_usd") is None and not (attrs.get("model") and
+                                                            attrs.get("max_output_tokens") is not None):
+            raise serializers.ValidationError(
+                {"estimated_cost_usd": "Give an estimated cost, or a model with max_output_tokens."})
+        return attrs
+
+
+class SettleIn(serializers.Serializer):
+    usage = SettleUsageIn(required=False)
+    cost_usd = serializers.DecimalField(max_digits=18, decimal_places=9, min_value=Decimal(0),
+                                        max_value=Decimal(10**6), required=False)
+
+    def validate(self, attrs):
+        if attrs.get("usage") is None and attrs.get("cost_usd") is None:
+            raise serializers.ValidationError({"usage": "Give the call's usage or its cost_usd."})
+        return attrs
+
+
+class ReservationBudgetOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    scope = serializers.CharField()
+    value = serializers.CharField()
+    period = serializers.CharField()
+    hard = serializers.BooleanField()
+    period_start = serializers.DateField()
+    resets_at = serializers.DateTimeField()
+    cap_usd = serializers.CharField()
+    spent_usd = serializers.CharField()
+    held_usd = serializers.CharField()
+    remaining_usd = serializers.CharField()
+
+
+class ReservationOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    state = serializers.CharField()
+    held_usd = serializers.CharField(help_text="What the reservation holds (its estimate).")
+    charged_usd = serializers.CharField(allow_null=True)
+    agent = serializers.CharField()
+    end_user = serializers.CharField()
+    model = serializers.CharField()
+    provider = serializers.CharField()
+    run_id = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField()
+    closed_at = serializers.DateTimeField(allow_null=True)
+    budgets = ReservationBudgetOut(many=True, required=False)

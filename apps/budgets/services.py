@@ -1,16 +1,20 @@
-"""Costs' writes that people make (price overrides, cost settings), each audited in its transaction.
-Per-call writes (span costs, rollups) are the projection's, in ``rollups``; repairs in ``rederive``."""
+"""Costs' writes that people make (price overrides, cost settings, budgets), each audited in its
+transaction. Per-call writes are not audited: span costs and rollups are the projection's
+(``rollups``), reservations the ledger's (``ledger``, re-exported below); repairs are in ``rederive``."""
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.utils import timezone
 
 from apps.audit.services import audit_record
-from apps.projects.models import Project, url_allowed, validate_webhook_allowlist
+from apps.projects.models import ApiKey, Project, url_allowed, validate_webhook_allowlist
 from apps.projects.services import actor_for
 
-from .models import CostSettings, PriceOverride
+from . import ledger
+from .models import Budget, CostSettings, PriceOverride, Reservation
 
 OVERRIDE_FIELDS = ("provider", "model_pattern", "effective_from", *PriceOverride.PRICE_FIELDS, "note")
 
@@ -36,19 +40,24 @@ def price_override_create(*, project: Project, actor, **fields) -> PriceOverride
 @transaction.atomic
 def price_override_update(*, override: PriceOverride, actor, **changes) -> PriceOverride:
     override = PriceOverride.objects.select_for_update().get(pk=override.pk)
-    before = override.as_dict()
+    return _update(override, changes, OVERRIDE_FIELDS, override.full_clean, actor, "budgets.price_override_updated")
+
+
+def _update(obj, changes: dict, fields, clean, actor, action: str):
+    """Apply ``changes`` (of ``fields`` only) to a locked row, validate, save and audit what differs."""
+    before = obj.as_dict()
     for field, value in changes.items():
-        if field not in OVERRIDE_FIELDS:
-            raise ValidationError({field: "is not a field of a price override."})
-        setattr(override, field, value)
-    override.full_clean()
-    after = override.as_dict()
+        if field not in fields:
+            raise ValidationError({field: f"is not a field of a {obj._meta.verbose_name}."})
+        setattr(obj, field, value)
+    clean()
+    after = obj.as_dict()
     if after != before:
-        override.save()
+        obj.save()
         changed = [k for k in after if after[k] != before[k]]
-        _audit(actor, override.project, "budgets.price_override_updated", override,
-               before={k: before[k] for k in changed}, after={k: after[k] for k in changed})
-    return override
+        _audit(actor, obj.project, action, obj, before={k: before[k] for k in changed},
+               after={k: after[k] for k in changed})
+    return obj
 
 
 @transaction.atomic
@@ -85,3 +94,107 @@ def cost_settings_update(*, project: Project, actor, **changes) -> CostSettings:
             _audit(actor, project, "budgets.cost_settings_updated", settings_,
                    before={k: before[k] for k in changed}, after={k: after[k] for k in changed})
     return settings_
+
+
+# --- budgets (caps) -------------------------------------------------------------------------------
+
+BUDGET_FIELDS = Budget.FIELDS
+
+
+def _budget_clean(budget: Budget) -> None:
+    budget.full_clean(exclude=["project", "created_by"])
+    if budget.scope == Budget.Scope.API_KEY and not ApiKey.objects.filter(project=budget.project,
+                                                                         pk=int(budget.value)).exists():
+        raise ValidationError({"value": "is not an API key of this project."})
+    if Budget.objects.filter(project=budget.project, name=budget.name).exclude(pk=budget.pk).exists():
+        raise ValidationError({"name": "A budget of this project has this name already."})
+
+
+@transaction.atomic
+def budget_create(*, project: Project, actor, **fields) -> Budget:
+    """A cap on a scope's spend per day or month. Reservations from now on are held against it; what
+    the period spent before it existed counts from the traces that reach it from now on."""
+    unknown = set(fields) - set(BUDGET_FIELDS)
+    if unknown:
+        raise ValidationError({sorted(unknown)[0]: "is not a field of a budget."})
+    budget = Budget(project=project, created_by=actor if isinstance(actor, AbstractBaseUser) else None, **fields)
+    _budget_clean(budget)
+    budget.save()
+    _audit(actor, project, "budgets.budget_created", budget, after=budget.as_dict())
+    return budget
+
+
+@transaction.atomic
+def budget_update(*, budget: Budget, actor, **changes) -> Budget:
+    budget = Budget.objects.select_for_update().select_related("project").get(pk=budget.pk)
+    return _update(budget, changes, BUDGET_FIELDS, lambda: _budget_clean(budget), actor, "budgets.budget_updated")
+
+
+@transaction.atomic
+def budget_delete(*, budget: Budget, actor) -> None:
+    _audit(actor, budget.project, "budgets.budget_deleted", budget, before=budget.as_dict())
+    budget.delete()
+
+
+# --- reservations (the call boundary; per call, not audited) ---------------------------------------
+
+
+class ModelUnpriced(Exception):
+    """A reservation asked by model for a model with no price, in a project that does not admit those."""
+
+
+def estimate(*, project_id: int, model: str, provider: str, input_tokens: int, max_output_tokens: int,
+             now) -> int | None:
+    """The most a call can cost (nano-USD), or None when the model has no price."""
+    from .rollups import pricer_for
+
+    pricer, _ = pricer_for(project_id)
+    found = pricer.estimate(model, provider, input_tokens, max_output_tokens, now)
+    return None if found is None else found[0]
+
+
+def reservation_create(*, project_id: int, api_key_id: int, estimated_nanos: int | None = None,
+                       input_tokens: int = 0, max_output_tokens: int | None = None, agent: str = "",
+                       end_user: str = "", model: str = "", provider: str = "", run_id: str = "",
+                       ttl_seconds: int | None = None, now=None) -> ledger.Held:
+    """Hold the call's upper bound under every budget that applies (``ledger.reserve``): the estimate
+    given, or the model's price of ``input_tokens`` in and ``max_output_tokens`` out. Raises
+    ``ledger.BudgetExceeded`` or ``ModelUnpriced``."""
+    now = now or timezone.now()
+    if estimated_nanos is None:
+        estimated_nanos = estimate(project_id=project_id, model=model, provider=provider, input_tokens=input_tokens,
+                                   max_output_tokens=max_output_tokens or 0, now=now)
+        if estimated_nanos is None:
+            allowed = CostSettings.objects.filter(project_id=project_id).values_list("unpriced_reservations",
+                                                                                    flat=True).first()
+            if not allowed:
+                raise ModelUnpriced(f"{provider or '?'}/{model} has no price (add a price override, or let the "
+                                    "project admit unpriced reservations)")
+            estimated_nanos = 0
+    return ledger.reserve(project_id=project_id, api_key_id=api_key_id, amount=estimated_nanos, agent=agent,
+                          end_user=end_user, model=model, provider=provider, run_id=run_id,
+                          ttl_seconds=ttl_seconds or settings.BUDGETS_RESERVATION_TTL_SECONDS, now=now)
+
+
+def reservation_settle(*, reservation: Reservation, cost_nanos: int | None = None, usage: dict | None = None,
+                       now=None) -> Reservation:
+    """Charge what the call cost: ``cost_nanos`` as given, or its usage priced as the costs price a
+    span (the project's override, else genai-prices; an unpriced model charges its whole hold)."""
+    from .rollups import pricer_for
+
+    now = now or timezone.now()
+    if reservation.state == Reservation.State.SETTLED:
+        return reservation  # answered as the first settle was
+    if cost_nanos is None:
+        pricer, _ = pricer_for(reservation.project_id)
+        priced = pricer.price({"kind": "llm", "model": reservation.model, "provider": reservation.provider,
+                               "usage": usage or {}, "start_time": reservation.created_at.isoformat(),
+                               "end_time": now.isoformat()})
+        cost_nanos = priced.cost_nanos if priced is not None and priced.cost_nanos is not None else None
+        if cost_nanos is None:
+            cost_nanos = reservation.estimate_nanos
+    return ledger.settle(reservation, actual=cost_nanos, usage=usage, now=now)
+
+
+def reservation_release(*, reservation: Reservation, now=None) -> Reservation:
+    return ledger.release(reservation, now=now)

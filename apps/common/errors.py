@@ -46,6 +46,9 @@ class ErrorCode(models.TextChoices):
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     RATE_LIMITED = "rate_limited"
     SERVICE_UNAVAILABLE = "service_unavailable"
+    BUDGET_EXCEEDED = "budget_exceeded"
+    MODEL_UNPRICED = "model_unpriced"
+    RESERVATION_CLOSED = "reservation_closed"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from django.core import mail
@@ -80,29 +78,6 @@ def test_the_threshold_and_the_minimum_are_the_project_s(project, make_key, alic
         moment = START + timedelta(hours=i)
         spikes.detect_hour(project, moment.date(), moment.hour)
     assert CostSpike.objects.count() == 0  # $40 is below this project's minimum
-
-
-class _Receiver(BaseHTTPRequestHandler):
-    got: list = []
-
-    def do_POST(self):  # noqa: N802 - http.server's name
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).got.append((self.path, dict(self.headers), body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def receiver():
-    _Receiver.got = []
-    server = HTTPServer(("127.0.0.1", 0), _Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}", _Receiver.got
-    server.shutdown()
 
 
 def test_a_spike_is_sent_signed_to_an_allowlisted_webhook_and_by_email(project, alice, receiver, settings):

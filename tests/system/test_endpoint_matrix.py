@@ -25,7 +25,8 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from apps.audit.models import AuditEvent
-from apps.budgets.models import CostSettings, CostSpike, PriceOverride
+from apps.budgets import services as budget_services
+from apps.budgets.models import CostSettings, CostSpike, PriceOverride, Reservation
 from apps.projects.admin import ScopedAdminMixin
 from apps.traces.models import DeadRecord, IngestBatch
 from tests.ingest import builders as otlp_builders
@@ -47,6 +48,8 @@ PERSON_READ = "person read"      # one project's object, people with a role only
 PERSON_WRITE = "person write"    # people holding project permission `perm` (keys: person_only; others: 403/404)
 PERSON_CREATE = "person create"  # people holding model permission `perm` (keys need `scope`, then person_only)
 KEY_WRITE = "key write"          # API keys with `scope`; the key decides the project (people: `person`)
+KEY_ACTION = "key action"        # API keys with `scope` on their own project's object (others' keys: 404; people:
+                                 # `person`)
 # The product's pages (session sign-in; an API key is not a person there: sent to the login page).
 PAGE_PUBLIC = "page public"      # anyone (the login page)
 PAGE_LIST = "page list"          # rows of every project the person holds a role in; others' rows never shown
@@ -63,6 +66,7 @@ class Endpoint:
     body: Any = None              # JSON; bytes are sent as OTLP protobuf
     person: tuple[int, str] = (403, "api_key_required")  # KEY_WRITE: what a person is answered
     marker: str = "acme"          # LIST: a string only acme's rows show
+    rows: Any = None              # KEY_WRITE: counts what a write adds to a project (default: ingest batches)
 
 
 def _otlp_traces() -> bytes:
@@ -138,6 +142,25 @@ MATRIX: dict[tuple[str, str], Endpoint] = {
     ("GET", f"{PROJECT}/cost-settings"): Endpoint(READ, "api/v1/projects/{slug}/cost-settings", scope="read"),
     ("PATCH", f"{PROJECT}/cost-settings"): Endpoint(PERSON_WRITE, "api/v1/projects/{slug}/cost-settings",
                                                     perm="change_project", body={"spike_factor": "4"}),
+    # budgets (caps) and the call boundary's reservations
+    ("GET", f"{PROJECT}/budgets"): Endpoint(READ, "api/v1/projects/{slug}/budgets", scope="read"),
+    ("POST", f"{PROJECT}/budgets"): Endpoint(PERSON_WRITE, "api/v1/projects/{slug}/budgets", perm="change_project",
+                                             body={"name": "new", "cap_usd": "5"}),
+    ("GET", f"{PROJECT}/budgets/<int:budget_id>"): Endpoint(READ, "api/v1/projects/{slug}/budgets/{budget_id}",
+                                                            scope="read"),
+    ("PATCH", f"{PROJECT}/budgets/<int:budget_id>"): Endpoint(
+        PERSON_WRITE, "api/v1/projects/{slug}/budgets/{budget_id}", perm="change_project", body={"cap_usd": "7"}),
+    ("DELETE", f"{PROJECT}/budgets/<int:budget_id>"): Endpoint(
+        PERSON_WRITE, "api/v1/projects/{slug}/budgets/{budget_id}", perm="change_project"),
+    ("POST", "api/v1/budget/reservations"): Endpoint(KEY_WRITE, "api/v1/budget/reservations", scope="budget",
+                                                     body={"estimated_cost_usd": "0.01"},
+                                                     rows=lambda p: Reservation.objects.filter(project=p).count()),
+    ("GET", "api/v1/budget/reservations/<int:reservation_id>"): Endpoint(
+        READ, "api/v1/budget/reservations/{reservation_id}", scope="budget"),
+    ("POST", "api/v1/budget/reservations/<int:reservation_id>/settle"): Endpoint(
+        KEY_ACTION, "api/v1/budget/reservations/{reservation_id}/settle", scope="budget", body={"cost_usd": "0.01"}),
+    ("POST", "api/v1/budget/reservations/<int:reservation_id>/release"): Endpoint(
+        KEY_ACTION, "api/v1/budget/reservations/{reservation_id}/release", scope="budget"),
     # OTLP/HTTP: keys only (a person's session is not read there: 401)
     ("POST", "v1/traces"): Endpoint(KEY_WRITE, "v1/traces", scope="ingest", body=_otlp_traces(),
                                     person=(401, "not_authenticated")),
@@ -247,6 +270,13 @@ def world(project, other_project, alice, bob, charlie, make_key, key_client, cli
         CostSpike.objects.create(project=p, period="hour", day=date(2026, 11, 22), hour=14, scope="project",
                                  value="", spend_nanos=10**10, baseline_nanos=10**9, factor=3)
         CostSettings.objects.create(project=p)
+    budgets = {p.slug: budget_services.budget_create(project=p, actor=None, name="daily", cap_nanos=10**9,
+                                                     thresholds=[1]) for p in (project, other_project)}
+    for p in (project, other_project):  # a settled call crossing 1 %: a ledger row, a reservation, an alert each
+        done = budget_services.reservation_create(project_id=p.pk, api_key_id=0, estimated_nanos=10**7).reservation
+        budget_services.reservation_settle(reservation=done, cost_nanos=10**7)
+    held = budget_services.reservation_create(project_id=project.pk, api_key_id=acme_key.pk,
+                                              estimated_nanos=10**7).reservation
 
     def key(scopes, proj=None) -> APIClient:
         return key_client(make_key(proj or project, scopes=list(scopes), name="probe")[1])
@@ -257,7 +287,8 @@ def world(project, other_project, alice, bob, charlie, make_key, key_client, cli
         root=django_user_model.objects.create_superuser("root", password="pw-root"),
         values={"slug": "acme", "key_id": acme_key.pk, "run_id": "acme-run-1", "span_id": "acme-span-1",
                 "tool_span_id": "acme-tool-1", "session_id": "acme-session",
-                "override_id": overrides["acme"].pk})
+                "override_id": overrides["acme"].pk, "budget_id": budgets["acme"].pk,
+                "reservation_id": held.pk})
 
 
 def _call(client, method: str, e: Endpoint, world):
@@ -392,23 +423,31 @@ def a_person_is_refused(e, m, w):
 
 
 def a_key_without_the_scope_writes_nothing(e, m, w):
-    before = _batches(w.acme)
+    rows = e.rows or _batches
+    before = rows(w.acme)
     a_key_without_the_scope_gets_403_missing_scope(e, m, w)
-    assert _batches(w.acme) == before
+    assert rows(w.acme) == before
 
 
 def another_projects_key_writes_into_its_own_project(e, m, w):
-    ours, theirs = _batches(w.acme), _batches(w.globex)
+    rows = e.rows or _batches
+    ours, theirs = rows(w.acme), rows(w.globex)
     resp = _call(w.key(ALL_SCOPES, w.globex), m, e, w)
     assert 200 <= resp.status_code < 300, (resp.status_code, resp.content[:300])
-    assert _batches(w.acme) == ours and _batches(w.globex) == theirs + 1
+    assert rows(w.acme) == ours and rows(w.globex) == theirs + 1
 
 
 def a_key_with_the_scope_writes_into_its_project(e, m, w):
-    ours = _batches(w.acme)
+    rows = e.rows or _batches
+    ours = rows(w.acme)
     resp = _call(w.key([e.scope]), m, e, w)
     assert 200 <= resp.status_code < 300, (resp.status_code, resp.content[:300])
-    assert _batches(w.acme) == ours + 1
+    assert rows(w.acme) == ours + 1
+
+
+def a_key_with_the_scope_acts(e, m, w):
+    resp = _call(w.key([e.scope]), m, e, w)
+    assert 200 <= resp.status_code < 300, (resp.status_code, resp.content[:300])
 
 
 def _page(resp) -> str:
@@ -494,6 +533,8 @@ CHECKS = {
                     a_person_without_the_permission_gets_403_permission_denied, a_person_with_the_permission_may],
     KEY_WRITE: [no_credentials_401, a_person_is_refused, a_key_without_the_scope_writes_nothing,
                 another_projects_key_writes_into_its_own_project, a_key_with_the_scope_writes_into_its_project],
+    KEY_ACTION: [no_credentials_401, a_person_is_refused, a_key_without_the_scope_gets_403_missing_scope,
+                 another_projects_key_gets_404, a_key_with_the_scope_acts],
 }
 
 CASES = [pytest.param(key, check, id=f"{key[0]} /{key[1]}: {check.__name__}")
@@ -536,6 +577,10 @@ ADMIN_MATRIX: dict[str, AdminEntry] = {
     "budgets.CostSpike": RUN_LOG,
     "budgets.PriceOverride": AdminEntry(scoped=True, view_by_role=True),
     "budgets.CostSettings": AdminEntry(scoped=True, view_by_role=True),
+    "budgets.Budget": AdminEntry(scoped=True, view_by_role=True),
+    "budgets.BudgetLedger": RUN_LOG,
+    "budgets.Reservation": RUN_LOG,
+    "budgets.BudgetAlert": RUN_LOG,
 }
 
 
