@@ -56,6 +56,7 @@ INSTALLED_APPS = [
     "apps.projects",
     "apps.traces",
     "apps.budgets",
+    "apps.gateway",
     "apps.ingest",
     "apps.dashboard",  # the audit UI: pages and live consumers, no models
 ]
@@ -330,3 +331,11 @@ BUDGETS_RESERVATION_TTL_SECONDS = env_int("BUDGETS_RESERVATION_TTL_SECONDS", 600
 BUDGETS_EXPIRE_SWEEP_SECONDS = env_int("BUDGETS_EXPIRE_SWEEP_SECONDS", 30, minimum=1)
 CELERY_BEAT_SCHEDULE["budgets-reservations-expire"] = {"task": "budgets.reservations_expire",
                                                        "schedule": BUDGETS_EXPIRE_SWEEP_SECONDS}
+
+# --- Model gateway ---------------------------------------------------------------------------------
+# /gateway/v1/... (OpenAI-compatible) forwards to each project's configured upstreams. Their routes are
+# read from the database at most every GATEWAY_ROUTES_TTL_SECONDS per project (a change applies within
+# that); an upstream that has not answered in its own timeout fails over to the next one.
+GATEWAY_ROUTES_TTL_SECONDS = env_float("GATEWAY_ROUTES_TTL_SECONDS", 2, minimum=0)
+GATEWAY_MAX_CONNECTIONS = env_int("GATEWAY_MAX_CONNECTIONS", 200, minimum=1)
+GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024)

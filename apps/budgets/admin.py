@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import admin
-from django.core.exceptions import PermissionDenied
 
-from apps.projects.admin import ScopedAdminMixin, VisibleProjectFilter
+from apps.projects.admin import EditedByProjectAdmins, ScopedAdminMixin, VisibleProjectFilter
 
 from . import services
 from .models import (
@@ -24,30 +23,8 @@ from .models import (
 )
 
 
-class ProjectAdminEdits(ScopedAdminMixin, admin.ModelAdmin):
-    """Visible to every role of the row's project; added, changed and deleted by its admins only."""
-
-    view_by_role = True
-
-    def _may_change(self, request, obj=None) -> bool:
-        return self.holds_perm(request, "change_project", obj.project_id if obj is not None else None)
-
-    def has_add_permission(self, request):
-        return self._may_change(request)
-
-    def has_change_permission(self, request, obj=None):
-        return self._may_change(request, obj)
-
-    def has_delete_permission(self, request, obj=None):
-        return self._may_change(request, obj)
-
-    def _check(self, request, obj) -> None:
-        if not self._may_change(request, obj):
-            raise PermissionDenied
-
-
 @admin.register(PriceOverride)
-class PriceOverrideAdmin(ProjectAdminEdits):
+class PriceOverrideAdmin(EditedByProjectAdmins):
     list_display = ("project", "provider", "model_pattern", "effective_from", "input_per_mtok", "output_per_mtok",
                     "cache_read_per_mtok", "cache_write_per_mtok", "reasoning_per_mtok", "note")
     list_filter = (VisibleProjectFilter, "provider")
@@ -76,7 +53,7 @@ class PriceOverrideAdmin(ProjectAdminEdits):
 
 
 @admin.register(CostSettings)
-class CostSettingsAdmin(ProjectAdminEdits):
+class CostSettingsAdmin(EditedByProjectAdmins):
     list_display = ("project", "spike_factor", "spike_baseline_days", "spike_min_usd", "disagreement_margin",
                     "webhook_url")
     list_select_related = ("project",)
@@ -153,7 +130,7 @@ class BudgetForm(forms.ModelForm):
 
 
 @admin.register(Budget)
-class BudgetAdmin(ProjectAdminEdits):
+class BudgetAdmin(EditedByProjectAdmins):
     form = BudgetForm
     list_display = ("name", "project", "scope", "value", "period", "cap_usd", "hard", "thresholds", "enabled")
     list_filter = (VisibleProjectFilter, "scope", "period", "hard", "enabled")

@@ -9,9 +9,8 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from apps.audit.services import audit_record
 from apps.projects.models import ApiKey, Project, url_allowed, validate_webhook_allowlist
-from apps.projects.services import actor_for
+from apps.projects.services import audit_change, update_audited
 
 from . import ledger
 from .models import Budget, CostSettings, PriceOverride, Reservation
@@ -19,10 +18,7 @@ from .models import Budget, CostSettings, PriceOverride, Reservation
 OVERRIDE_FIELDS = ("provider", "model_pattern", "effective_from", *PriceOverride.PRICE_FIELDS, "note")
 
 
-def _audit(actor, project: Project, action: str, obj, *, before=None, after=None) -> None:
-    audit_record(actor=actor_for(actor, project), action=action, object_type=obj._meta.label_lower,
-                 object_id=obj.pk, object_repr=str(obj), project_id=project.pk, project_slug=project.slug,
-                 before=before, after=after)
+_audit = audit_change
 
 
 @transaction.atomic
@@ -40,24 +36,7 @@ def price_override_create(*, project: Project, actor, **fields) -> PriceOverride
 @transaction.atomic
 def price_override_update(*, override: PriceOverride, actor, **changes) -> PriceOverride:
     override = PriceOverride.objects.select_for_update().get(pk=override.pk)
-    return _update(override, changes, OVERRIDE_FIELDS, override.full_clean, actor, "budgets.price_override_updated")
-
-
-def _update(obj, changes: dict, fields, clean, actor, action: str):
-    """Apply ``changes`` (of ``fields`` only) to a locked row, validate, save and audit what differs."""
-    before = obj.as_dict()
-    for field, value in changes.items():
-        if field not in fields:
-            raise ValidationError({field: f"is not a field of a {obj._meta.verbose_name}."})
-        setattr(obj, field, value)
-    clean()
-    after = obj.as_dict()
-    if after != before:
-        obj.save()
-        changed = [k for k in after if after[k] != before[k]]
-        _audit(actor, obj.project, action, obj, before={k: before[k] for k in changed},
-               after={k: after[k] for k in changed})
-    return obj
+    return update_audited(override, changes, OVERRIDE_FIELDS, override.full_clean, actor, "budgets.price_override_updated")
 
 
 @transaction.atomic
@@ -127,7 +106,7 @@ def budget_create(*, project: Project, actor, **fields) -> Budget:
 @transaction.atomic
 def budget_update(*, budget: Budget, actor, **changes) -> Budget:
     budget = Budget.objects.select_for_update().select_related("project").get(pk=budget.pk)
-    return _update(budget, changes, BUDGET_FIELDS, lambda: _budget_clean(budget), actor, "budgets.budget_updated")
+    return update_audited(budget, changes, BUDGET_FIELDS, lambda: _budget_clean(budget), actor, "budgets.budget_updated")
 
 
 @transaction.atomic
@@ -180,17 +159,12 @@ def reservation_settle(*, reservation: Reservation, cost_nanos: int | None = Non
                        now=None) -> Reservation:
     """Charge what the call cost: ``cost_nanos`` as given, or its usage priced as the costs price a
     span (the project's override, else genai-prices; an unpriced model charges its whole hold)."""
-    from .rollups import pricer_for
-
     now = now or timezone.now()
     if reservation.state == Reservation.State.SETTLED:
         return reservation  # answered as the first settle was
     if cost_nanos is None:
-        pricer, _ = pricer_for(reservation.project_id)
-        priced = pricer.price({"kind": "llm", "model": reservation.model, "provider": reservation.provider,
-                               "usage": usage or {}, "start_time": reservation.created_at.isoformat(),
-                               "end_time": now.isoformat()})
-        cost_nanos = priced.cost_nanos if priced is not None and priced.cost_nanos is not None else None
+        cost_nanos = price_call(project_id=reservation.project_id, model=reservation.model,
+                                provider=reservation.provider, usage=usage or {}, when=reservation.created_at)
         if cost_nanos is None:
             cost_nanos = reservation.estimate_nanos
     return ledger.settle(reservation, actual=cost_nanos, usage=usage, now=now)
@@ -198,3 +172,22 @@ def reservation_settle(*, reservation: Reservation, cost_nanos: int | None = Non
 
 def reservation_release(*, reservation: Reservation, now=None) -> Reservation:
     return ledger.release(reservation, now=now)
+
+
+def model_limit(model: str, provider: str) -> int | None:
+    """The model's context window from the price database (what a call without max_tokens can at most
+    produce), or None."""
+    from .pricing import _lookup
+
+    found = _lookup(model, provider)
+    return getattr(found[1], "context_window", None) if found else None
+
+
+def price_call(*, project_id: int, model: str, provider: str, usage: dict, when) -> int | None:
+    """What a call of ``model`` with ``usage`` cost (nano-USD) as the costs price a span, or None."""
+    from .rollups import pricer_for
+
+    pricer, _ = pricer_for(project_id)
+    priced = pricer.price({"kind": "llm", "model": model, "provider": provider, "usage": usage,
+                           "start_time": when.isoformat(), "end_time": when.isoformat()})
+    return None if priced is None else priced.cost_nanos

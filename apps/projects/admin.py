@@ -76,6 +76,30 @@ class ScopedAdminMixin:
             self.view_by_role and request.user.is_staff and self.holds_a_role(request))
 
 
+class EditedByProjectAdmins(ScopedAdminMixin, admin.ModelAdmin):
+    """A project's settings-like rows (prices, budgets, upstreams): visible to every role of the row's
+    project; added, changed and deleted by its admins only (``change_project``), who save through the
+    app's audited services (``save_model`` calls ``_check`` first)."""
+
+    view_by_role = True
+
+    def _may_change(self, request, obj=None) -> bool:
+        return self.holds_perm(request, "change_project", obj.project_id if obj is not None else None)
+
+    def has_add_permission(self, request):
+        return self._may_change(request)
+
+    def has_change_permission(self, request, obj=None):
+        return self._may_change(request, obj)
+
+    def has_delete_permission(self, request, obj=None):
+        return self._may_change(request, obj)
+
+    def _check(self, request, obj) -> None:
+        if not self._may_change(request, obj):
+            raise PermissionDenied
+
+
 class VisibleProjectFilter(admin.SimpleListFilter):
     """Filter by project, offering only the projects the viewer may see (the stock related-field
     filter would list every project's name)."""

@@ -61,7 +61,9 @@ def actor_for(principal, project: Project | None = None) -> Actor:
                  role=",".join(roles))
 
 
-def _audit(principal, project: Project, action: str, obj, *, before=None, after=None) -> None:
+def audit_change(principal, project: Project, action: str, obj, *, before=None, after=None) -> None:
+    """Audit a person's or key's change to one of a project's rows (in the caller's transaction): the
+    one shape every app's audited services use."""
     audit_record(
         actor=actor_for(principal, project),
         action=action,
@@ -73,6 +75,27 @@ def _audit(principal, project: Project, action: str, obj, *, before=None, after=
         before=before,
         after=after,
     )
+
+
+_audit = audit_change
+
+
+def update_audited(obj, changes: dict, fields, clean, actor, action: str):
+    """Apply ``changes`` (of ``fields`` only) to a locked row of a project (``obj.project``), validate
+    (``clean``), save and audit what differs; the row as it is now."""
+    before = obj.as_dict()
+    for field, value in changes.items():
+        if field not in fields:
+            raise ValidationError({field: f"is not a field of a {obj._meta.verbose_name}."})
+        setattr(obj, field, value)
+    clean()
+    after = obj.as_dict()
+    if after != before:
+        obj.save()
+        changed = [k for k in after if after[k] != before[k]]
+        audit_change(actor, obj.project, action, obj, before={k: before[k] for k in changed},
+                     after={k: after[k] for k in changed})
+    return obj
 
 
 @transaction.atomic

@@ -29,8 +29,10 @@
       fetch(url + extra, {credentials: "same-origin", headers: {"X-Requested-With": "live"}})
         .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
         .then(function (html) {
-          if (el.hasAttribute("data-live-parts")) swapParts(el, html);
-          else el.innerHTML = html;
+          keepingOpen(el, function () {
+            if (el.hasAttribute("data-live-parts")) swapParts(el, html);
+            else el.innerHTML = html;
+          });
           el.dispatchEvent(new CustomEvent("live:refreshed", {bubbles: true}));
         })
         .catch(function () {})
@@ -43,6 +45,17 @@
       if (timer) return;
       timer = setTimeout(function () { timer = null; run(); }, REFRESH_DEBOUNCE_MS);
     };
+  }
+
+  // What a person opened stays open when the part holding it is re-read (a <details> with an id): the
+  // re-read that follows the socket's opening would otherwise close a panel opened a moment before.
+  function keepingOpen(el, swap) {
+    var open = Array.prototype.map.call(el.querySelectorAll("details[open][id]"), function (d) { return d.id; });
+    swap();
+    open.forEach(function (id) {
+      var again = document.getElementById(id);
+      if (again && el.contains(again)) again.open = true;
+    });
   }
 
   // A page of several live parts (data-live-part="name") gets them all in one response and swaps

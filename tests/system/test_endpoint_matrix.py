@@ -27,6 +27,7 @@ from rest_framework.test import APIClient
 from apps.audit.models import AuditEvent
 from apps.budgets import services as budget_services
 from apps.budgets.models import CostSettings, CostSpike, PriceOverride, Reservation
+from apps.gateway import services as gateway_services
 from apps.projects.admin import ScopedAdminMixin
 from apps.traces.models import DeadRecord, IngestBatch
 from tests.ingest import builders as otlp_builders
@@ -275,6 +276,9 @@ def world(project, other_project, alice, bob, charlie, make_key, key_client, cli
     for p in (project, other_project):  # a settled call crossing 1 %: a ledger row, a reservation, an alert each
         done = budget_services.reservation_create(project_id=p.pk, api_key_id=0, estimated_nanos=10**7).reservation
         budget_services.reservation_settle(reservation=done, cost_nanos=10**7)
+    for p in (project, other_project):
+        gateway_services.upstream_create(project=p, actor=None, name=f"{p.slug}-upstream",
+                                         base_url="http://127.0.0.1:9/v1", model_names=["gpt-4o"])
     held = budget_services.reservation_create(project_id=project.pk, api_key_id=acme_key.pk,
                                               estimated_nanos=10**7).reservation
 
@@ -581,6 +585,8 @@ ADMIN_MATRIX: dict[str, AdminEntry] = {
     "budgets.BudgetLedger": RUN_LOG,
     "budgets.Reservation": RUN_LOG,
     "budgets.BudgetAlert": RUN_LOG,
+    # the gateway's upstreams: edited by project admins (the gateway's own endpoints: tests/gateway/)
+    "gateway.Upstream": AdminEntry(scoped=True, view_by_role=True),
 }
 
 
