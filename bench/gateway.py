@@ -67,13 +67,12 @@ async def _timed_calls(client: httpx.AsyncClient, url: str, n: int, stream: bool
     for _ in range(n):
         t0 = time.perf_counter()
         if stream:
+            first = None
             async with client.stream("POST", url, json=body) as r:
                 async for line in r.aiter_lines():
-                    if '"content":"tok' in line.replace(" ", ""):
-                        out.append((time.perf_counter() - t0) * 1000)  # time to first token
-                        break
-                async for _ in r.aiter_raw():
-                    pass
+                    if first is None and '"content":"tok' in line.replace(" ", ""):
+                        first = (time.perf_counter() - t0) * 1000  # time to first token
+            out.append(first)
         else:
             r = await client.post(url, json=body)
             r.raise_for_status()

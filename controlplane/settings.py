@@ -255,6 +255,8 @@ TRACES_PROJECTION_BATCH_LIMIT = env_int("TRACES_PROJECTION_BATCH_LIMIT", 20, min
 # a projection task goes on claiming for up to TRACES_PROJECTION_TASK_SECONDS while batches wait.
 TRACES_PROJECTION_ITEM_LIMIT = env_int("TRACES_PROJECTION_ITEM_LIMIT", 2000, minimum=1)
 TRACES_PROJECTION_TASK_SECONDS = env_float("TRACES_PROJECTION_TASK_SECONDS", 10, minimum=0)
+# The web process sends projection tasks at most this often (ids arriving between two go together).
+TRACES_ENQUEUE_PACE_SECONDS = env_float("TRACES_ENQUEUE_PACE_SECONDS", 0.02, minimum=0)
 TRACES_INBOX_RETENTION_HOURS = env_int("TRACES_INBOX_RETENTION_HOURS", 24, minimum=1)
 # The beat sweep projects what waits (lost enqueues, expired leases, retries due) for at most this long.
 TRACES_SWEEP_BUDGET_SECONDS = env_float("TRACES_SWEEP_BUDGET_SECONDS", 30, minimum=0)
@@ -329,6 +331,9 @@ DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "controlplane@localhost")
 # in full by the sweep that runs every BUDGETS_EXPIRE_SWEEP_SECONDS.
 BUDGETS_RESERVATION_TTL_SECONDS = env_int("BUDGETS_RESERVATION_TTL_SECONDS", 600, minimum=1)
 BUDGETS_EXPIRE_SWEEP_SECONDS = env_int("BUDGETS_EXPIRE_SWEEP_SECONDS", 30, minimum=1)
+# A project's budgets and prices as reservations read them, kept this long per process (a change made
+# elsewhere applies within it; one made in this process at once).
+BUDGETS_CACHE_SECONDS = env_float("BUDGETS_CACHE_SECONDS", 2, minimum=0)
 CELERY_BEAT_SCHEDULE["budgets-reservations-expire"] = {"task": "budgets.reservations_expire",
                                                        "schedule": BUDGETS_EXPIRE_SWEEP_SECONDS}
 
@@ -337,5 +342,10 @@ CELERY_BEAT_SCHEDULE["budgets-reservations-expire"] = {"task": "budgets.reservat
 # read from the database at most every GATEWAY_ROUTES_TTL_SECONDS per project (a change applies within
 # that); an upstream that has not answered in its own timeout fails over to the next one.
 GATEWAY_ROUTES_TTL_SECONDS = env_float("GATEWAY_ROUTES_TTL_SECONDS", 2, minimum=0)
+# An API key presented at the gateway is checked against the database at most this often (a revoked
+# key is refused within it); the gateway's database work runs on GATEWAY_DB_THREADS threads, each
+# holding one connection.
+GATEWAY_KEY_CACHE_SECONDS = env_float("GATEWAY_KEY_CACHE_SECONDS", 2, minimum=0)
+GATEWAY_DB_THREADS = env_int("GATEWAY_DB_THREADS", 4, minimum=1)
 GATEWAY_MAX_CONNECTIONS = env_int("GATEWAY_MAX_CONNECTIONS", 200, minimum=1)
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024)

@@ -26,6 +26,15 @@ def _fast_hasher(settings):
 
 
 @pytest.fixture(autouse=True)
+def _fresh_caches():
+    """Per-process caches of database rows (budgets, prices, keys at the gateway) start empty: a test's
+    rows are rolled back, and the next test's may reuse their ids."""
+    from apps.common.ttl import forget_all
+
+    forget_all()
+
+
+@pytest.fixture(autouse=True)
 def _fresh_backlog():
     """The inbox's backlog count lives in the shared cache; every test starts and ends with none (the
     next check reads the test's own inbox)."""

@@ -32,6 +32,8 @@ from zoneinfo import ZoneInfo
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from apps.common.ttl import TTLCache
+
 from .models import Budget, BudgetAlert, BudgetLedger, Reservation, usd_text
 
 logger = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class Applicable:
     hard: bool
     tz: ZoneInfo
     thresholds: tuple[int, ...]
+    project_tz: ZoneInfo
 
     def period_of(self, moment: datetime) -> date:
         return period_start(self.period, moment.astimezone(self.tz).date())
@@ -97,13 +100,25 @@ _BUDGET_COLUMNS = ("id", "project_id", "name", "scope", "value", "period", "cap_
 
 def _applicable(rows: Iterable[tuple]) -> list[Applicable]:
     return [Applicable(pk, project_id, name, scope, value, period, cap, hard, _zone(tz or project_tz),
-                       tuple(thresholds or ()))
+                       tuple(thresholds or ()), _zone(project_tz))
             for pk, project_id, name, scope, value, period, cap, hard, tz, thresholds, project_tz in rows]
 
 
+_budgets = TTLCache("BUDGETS_CACHE_SECONDS")
+
+
 def budgets_of(project_ids: Iterable[int]) -> list[Applicable]:
-    return _applicable(Budget.objects.filter(project_id__in=list(project_ids), enabled=True)
-                       .order_by("id").values_list(*_BUDGET_COLUMNS))
+    """The enabled budgets of these projects (each project's read at most every BUDGETS_CACHE_SECONDS)."""
+    out: list[Applicable] = []
+    for project_id in project_ids:
+        out.extend(_budgets.get(project_id, lambda p=project_id: _applicable(
+            Budget.objects.filter(project_id=p, enabled=True).order_by("id").values_list(*_BUDGET_COLUMNS))))
+    return out
+
+
+def forget_budgets(project_id: int) -> None:
+    """A budget of the project changed (in this process): read them afresh."""
+    _budgets.forget(project_id)
 
 
 def matches(b: Applicable, *, agent: str, end_user: str, model: str, api_key_id: int) -> bool:
@@ -219,14 +234,15 @@ def _move(ledger_ids: list[int], *, held: int, charged: int) -> list[tuple]:
     if not ledger_ids or (not held and not charged):
         return []
     t = _q(_LEDGER)
-    out = []
+    ids = sorted(ledger_ids)
+    marks = ", ".join(["%s"] * len(ids))
+    # The rows locked in id order (as a reservation locks them): two calls never wait on each other in a cycle.
+    where = (f"id IN (SELECT id FROM {t} WHERE id IN ({marks}) ORDER BY id FOR UPDATE)"
+             if connection.vendor == "postgresql" else f"id IN ({marks})")
     with connection.cursor() as cur:
-        for pk in sorted(ledger_ids):
-            cur.execute(f"UPDATE {t} SET held_nanos = held_nanos + %s, charged_nanos = charged_nanos + %s "
-                        f"WHERE id = %s RETURNING budget_id, period_start, charged_nanos, traced_nanos, cap_nanos",
-                        [held, charged, pk])
-            out.extend(cur.fetchall())
-    return out
+        cur.execute(f"UPDATE {t} SET held_nanos = held_nanos + %s, charged_nanos = charged_nanos + %s WHERE {where} "
+                    f"RETURNING budget_id, period_start, charged_nanos, traced_nanos, cap_nanos", [held, charged, *ids])
+        return cur.fetchall()
 
 
 def _transition(reservation: Reservation, from_state: str, to_state: str, **fields) -> bool:
@@ -238,15 +254,21 @@ def settle(reservation: Reservation, *, actual: int, usage: dict | None = None,
     """Charge what the call cost and release the rest of the hold (once: a settled reservation is
     answered as it is). An expired one, charged in full already, is charged the difference."""
     now = now or timezone.now()
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):  # (inside a caller's transaction: no savepoint of its own)
         fields = {"charged_nanos": actual, "usage": usage, "closed_at": now}
         if _transition(reservation, Reservation.State.HELD, Reservation.State.SETTLED, **fields):
             after = _move(reservation.ledger_ids, held=-reservation.estimate_nanos, charged=actual)
-            _alert(after, spent_delta=actual)
+            _alert(after, spent_delta=actual, project_id=reservation.project_id)
         elif _transition(reservation, Reservation.State.EXPIRED, Reservation.State.SETTLED, **fields):
             after = _move(reservation.ledger_ids, held=0, charged=actual - reservation.estimate_nanos)
-            _alert(after, spent_delta=actual - reservation.estimate_nanos)
-        reservation.refresh_from_db()
+            _alert(after, spent_delta=actual - reservation.estimate_nanos, project_id=reservation.project_id)
+        else:
+            reservation.refresh_from_db()
+            fields = {}
+        for name, value in fields.items():
+            setattr(reservation, name, value)
+        if fields:
+            reservation.state = Reservation.State.SETTLED
     if reservation.state != Reservation.State.SETTLED:
         raise ReservationClosed(reservation)
     return reservation
@@ -255,7 +277,7 @@ def settle(reservation: Reservation, *, actual: int, usage: dict | None = None,
 def release(reservation: Reservation, *, now: datetime | None = None) -> Reservation:
     """The call never happened: give the hold back (an expired reservation's charge is refunded)."""
     now = now or timezone.now()
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         if _transition(reservation, Reservation.State.HELD, Reservation.State.RELEASED, charged_nanos=0,
                        closed_at=now):
             _move(reservation.ledger_ids, held=-reservation.estimate_nanos, charged=0)
@@ -277,7 +299,7 @@ def expire(reservation: Reservation, *, now: datetime | None = None) -> bool:
                            charged_nanos=reservation.estimate_nanos, closed_at=now):
             return False
         after = _move(reservation.ledger_ids, held=-reservation.estimate_nanos, charged=reservation.estimate_nanos)
-        _alert(after, spent_delta=reservation.estimate_nanos)
+        _alert(after, spent_delta=reservation.estimate_nanos, project_id=reservation.project_id)
     return True
 
 
@@ -299,14 +321,11 @@ def add_traced(cells: dict[tuple, int]) -> None:
     if not cells:
         return
     budgets_by_project: dict[int, list[Applicable]] = defaultdict(list)
-    project_tz: dict[int, ZoneInfo] = {}
-    rows = Budget.objects.filter(project_id__in={c[0] for c in cells}, enabled=True).order_by("id").values_list(
-        *_BUDGET_COLUMNS)
-    for b, row in zip(_applicable(rows), rows, strict=True):
+    for b in budgets_of({c[0] for c in cells}):
         budgets_by_project[b.project_id].append(b)
-        project_tz[b.project_id] = _zone(row[-1])
     if not budgets_by_project:
         return
+    project_tz = {b.project_id: b.project_tz for bs in budgets_by_project.values() for b in bs}
     by_row: dict[tuple[int, date], int] = defaultdict(int)
     budgets: dict[int, Applicable] = {}
     for (project_id, day, hour, end_user, agent, key, model), amount in cells.items():
@@ -346,14 +365,14 @@ def _as_date(value) -> date:
     return value if isinstance(value, date) else date.fromisoformat(value)
 
 
-def _alert(rows: list[tuple], *, spent_delta: int, budgets: dict[int, Applicable] | None = None) -> None:
+def _alert(rows: list[tuple], *, spent_delta: int, project_id: int = 0,
+           budgets: dict[int, Applicable] | None = None) -> None:
     """Record each threshold a write just crossed (spent before it below, after it at or above), once
     per budget, period and threshold; its webhook and email go after commit."""
     if not rows or spent_delta <= 0:
         return
     if budgets is None:
-        budgets = {b.id: b for b in _applicable(Budget.objects.filter(pk__in=[r[0] for r in rows])
-                                                .values_list(*_BUDGET_COLUMNS))}
+        budgets = {b.id: b for b in budgets_of({project_id})}
     for budget_id, start, charged, traced, cap in rows:
         b = budgets.get(budget_id)
         if b is None or not b.thresholds or cap <= 0:

@@ -340,6 +340,9 @@ def _move_attribution(project_id: int, runs: Iterable, deltas: Deltas, existing:
 def on_project_updated(sender, *, project, changed, **kwargs) -> None:
     """A new time zone moves every call's day and hour: re-derive the project's costs after commit."""
     if "time_zone" in changed:
+        from .services import forget_prices
         from .tasks import costs_rederive
+
+        transaction.on_commit(lambda: forget_prices(project.pk))
 
         transaction.on_commit(lambda: costs_rederive.delay(project.pk))

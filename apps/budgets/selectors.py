@@ -186,7 +186,8 @@ def budgets_current(budgets: list[Budget], *, now: datetime | None = None) -> di
 
     now = now or timezone.now()
     applicable = {b.pk: Applicable(b.pk, b.project_id, b.name, b.scope, b.value, b.period, b.cap_nanos, b.hard,
-                                   _zone(b.time_zone or b.project.time_zone), tuple(b.thresholds or ()))
+                                   _zone(b.time_zone or b.project.time_zone), tuple(b.thresholds or ()),
+                                   _zone(b.project.time_zone))
                   for b in budgets}
     starts = {pk: a.period_of(now) for pk, a in applicable.items()}
     rows = {(r.budget_id, r.period_start): r for r in BudgetLedger.objects.filter(budget_id__in=list(applicable),

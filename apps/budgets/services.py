@@ -9,6 +9,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from apps.common.ttl import TTLCache
 from apps.projects.models import ApiKey, Project, url_allowed, validate_webhook_allowlist
 from apps.projects.services import audit_change, update_audited
 
@@ -25,6 +26,7 @@ _audit = audit_change
 def price_override_create(*, project: Project, actor, **fields) -> PriceOverride:
     """A project's own price from a date. Calls priced from then on use it (spans already priced keep
     their price until ``costs_rederive`` re-prices their days)."""
+    _prices_changed(project.pk)
     override = PriceOverride(project=project, created_by=actor if isinstance(actor, AbstractBaseUser) else None,
                              **fields)
     override.full_clean()
@@ -35,12 +37,14 @@ def price_override_create(*, project: Project, actor, **fields) -> PriceOverride
 
 @transaction.atomic
 def price_override_update(*, override: PriceOverride, actor, **changes) -> PriceOverride:
+    _prices_changed(override.project_id)
     override = PriceOverride.objects.select_for_update().get(pk=override.pk)
     return update_audited(override, changes, OVERRIDE_FIELDS, override.full_clean, actor, "budgets.price_override_updated")
 
 
 @transaction.atomic
 def price_override_delete(*, override: PriceOverride, actor) -> None:
+    _prices_changed(override.project_id)
     _audit(actor, override.project, "budgets.price_override_deleted", override, before=override.as_dict())
     override.delete()
 
@@ -52,6 +56,7 @@ def cost_settings_for(project: Project) -> CostSettings:
 
 @transaction.atomic
 def cost_settings_update(*, project: Project, actor, **changes) -> CostSettings:
+    _prices_changed(project.pk)
     settings_ = CostSettings.objects.select_for_update().filter(project=project).first() or CostSettings(project=project)
     before = settings_.as_dict()
     for field, value in changes.items():
@@ -89,6 +94,12 @@ def _budget_clean(budget: Budget) -> None:
         raise ValidationError({"name": "A budget of this project has this name already."})
 
 
+def _budgets_changed(project_id: int) -> None:
+    """This process reads the project's budgets afresh (now, and once the change commits)."""
+    ledger.forget_budgets(project_id)
+    transaction.on_commit(lambda: ledger.forget_budgets(project_id))
+
+
 @transaction.atomic
 def budget_create(*, project: Project, actor, **fields) -> Budget:
     """A cap on a scope's spend per day or month. Reservations from now on are held against it; what
@@ -100,22 +111,45 @@ def budget_create(*, project: Project, actor, **fields) -> Budget:
     _budget_clean(budget)
     budget.save()
     _audit(actor, project, "budgets.budget_created", budget, after=budget.as_dict())
+    _budgets_changed(project.pk)
     return budget
 
 
 @transaction.atomic
 def budget_update(*, budget: Budget, actor, **changes) -> Budget:
     budget = Budget.objects.select_for_update().select_related("project").get(pk=budget.pk)
+    _budgets_changed(budget.project_id)
     return update_audited(budget, changes, BUDGET_FIELDS, lambda: _budget_clean(budget), actor, "budgets.budget_updated")
 
 
 @transaction.atomic
 def budget_delete(*, budget: Budget, actor) -> None:
     _audit(actor, budget.project, "budgets.budget_deleted", budget, before=budget.as_dict())
+    _budgets_changed(budget.project_id)
     budget.delete()
 
 
 # --- reservations (the call boundary; per call, not audited) ---------------------------------------
+
+
+_pricers = TTLCache("BUDGETS_CACHE_SECONDS")
+
+
+def pricer(project_id: int):
+    """The project's pricer as the call boundary uses it (read at most every BUDGETS_CACHE_SECONDS)."""
+    from .rollups import pricer_for
+
+    return _pricers.get(project_id, lambda: pricer_for(project_id)[0])
+
+
+def forget_prices(project_id: int) -> None:
+    _pricers.forget(project_id)
+
+
+def _prices_changed(project_id: int) -> None:
+    """The call boundary's cached prices of the project are read afresh (now, and once this commits)."""
+    forget_prices(project_id)
+    transaction.on_commit(lambda: forget_prices(project_id))
 
 
 class ModelUnpriced(Exception):
@@ -125,10 +159,7 @@ class ModelUnpriced(Exception):
 def estimate(*, project_id: int, model: str, provider: str, input_tokens: int, max_output_tokens: int,
              now) -> int | None:
     """The most a call can cost (nano-USD), or None when the model has no price."""
-    from .rollups import pricer_for
-
-    pricer, _ = pricer_for(project_id)
-    found = pricer.estimate(model, provider, input_tokens, max_output_tokens, now)
+    found = pricer(project_id).estimate(model, provider, input_tokens, max_output_tokens, now)
     return None if found is None else found[0]
 
 
@@ -185,9 +216,6 @@ def model_limit(model: str, provider: str) -> int | None:
 
 def price_call(*, project_id: int, model: str, provider: str, usage: dict, when) -> int | None:
     """What a call of ``model`` with ``usage`` cost (nano-USD) as the costs price a span, or None."""
-    from .rollups import pricer_for
-
-    pricer, _ = pricer_for(project_id)
-    priced = pricer.price({"kind": "llm", "model": model, "provider": provider, "usage": usage,
+    priced = pricer(project_id).price({"kind": "llm", "model": model, "provider": provider, "usage": usage,
                            "start_time": when.isoformat(), "end_time": when.isoformat()})
     return None if priced is None else priced.cost_nanos

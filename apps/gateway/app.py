@@ -17,6 +17,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -51,8 +52,16 @@ def client() -> httpx.AsyncClient:
     return found
 
 
+_executor: ThreadPoolExecutor | None = None
+
+
 def _db(fn):
-    return sync_to_async(fn, thread_sensitive=False)
+    """``fn`` on one of the gateway's database threads (each keeps its connection: no pool round trip
+    per call)."""
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=settings.GATEWAY_DB_THREADS, thread_name_prefix="gateway-db")
+    return sync_to_async(fn, thread_sensitive=False, executor=_executor)
 
 
 async def _json(send: Send, status: int, body: Any, headers: list | None = None) -> None:
@@ -366,15 +375,9 @@ async def list_models(scope: Scope, receive: Receive, send: Send) -> None:
     headers = _headers(scope)
 
     def models(raw):
-        try:
-            key = calls.authenticate(raw)
-            from .services import models_of
+        from .services import models_of
 
-            return models_of(key.project_id)
-        finally:
-            from django.db import close_old_connections
-
-            close_old_connections()
+        return models_of(calls.authenticate(raw).project_id)
 
     try:
         names = await _db(models)(_raw_key(headers))

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import close_old_connections
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 from rest_framework.exceptions import AuthenticationFailed
 
 from apps.budgets import ledger
 from apps.budgets import services as budgets
-from apps.projects.models import ApiKey
+from apps.common.ttl import TTLCache
+from apps.projects.models import ApiKey, hash_api_key
 from apps.projects.services import api_key_authenticate
 from apps.traces import records
 from apps.traces import services as traces
@@ -51,13 +52,20 @@ class GatewayError(Exception):
                           **self.details}}
 
 
+_keys = TTLCache("GATEWAY_KEY_CACHE_SECONDS")
+
+
 def authenticate(raw: str | None) -> ApiKey:
+    """The presented key (checked against the database at most every GATEWAY_KEY_CACHE_SECONDS per key;
+    cached by its keyed hash, never by the secret)."""
     if not raw:
         raise GatewayError(401, "not_authenticated", "Send an API key: Authorization: Bearer <key>.")
     try:
-        key = api_key_authenticate(raw)
+        key = _keys.get(hash_api_key(raw.strip()), lambda: api_key_authenticate(raw))
     except AuthenticationFailed as exc:
         raise GatewayError(401, str(exc.get_codes()), str(exc.detail)) from None
+    if key.is_expired:
+        raise GatewayError(401, "api_key_expired", "This API key has expired.")
     missing = [s for s in REQUIRED_SCOPES if not key.has_scope(s)]
     if missing:
         raise GatewayError(403, "missing_scope", f"This API key lacks the {', '.join(missing)} scope.")
@@ -171,8 +179,9 @@ def begin(*, raw_key: str | None, endpoint: str, body: dict, headers: dict[str, 
             raise GatewayError(422, "model_unpriced", str(exc), details={"param": "model"}) from None
         call.reservation = held.reservation
         return call
-    finally:
-        close_old_connections()
+    except DatabaseError:
+        connection.close_if_unusable_or_obsolete()  # a broken connection goes back to the pool, not reused
+        raise
 
 
 # --- after the call -------------------------------------------------------------------------------
@@ -229,38 +238,44 @@ def finish(call: Call, attempts: list[Attempt], *, answered: Attempt | None, cli
     """Settle the reservation with what the answering attempt used (or release it: nothing answered),
     then hand the run log one batch: the run (when the gateway started it), a span per attempt."""
     try:
-        now = timezone.now()
-        if answered is not None:
-            usage = usage_of(answered, call)
-            if not answered.usage:
-                answered.usage = usage
-                answered.extra["controlplane.gateway.usage"] = "counted"
-            cost = budgets.price_call(project_id=call.key.project_id, model=call.model,
-                                      provider=answered.route.provider, usage=usage, when=call.started_at)
-            budgets.reservation_settle(reservation=call.reservation, cost_nanos=cost, usage=usage, now=now)
-        else:
-            budgets.reservation_release(reservation=call.reservation, now=now)
-        recs: list[dict] = []
-        if call.new_run:
-            recs.append({"op": "run.start", "run_id": call.run_id, "agent_name": call.agent, "end_user": call.end_user,
-                         "status": "running", "started_at": call.started_at.isoformat(),
-                         "metadata": {"source": "gateway"}})
-        previous = None
-        for a in attempts:
-            recs.append({"op": "span", "run_id": call.run_id, "span": _span(call, a, previous)})
-            previous = a
-        if call.new_run:
-            failing = next((a for a in reversed(attempts) if not a.ok), None)
-            status = ("completed" if answered is not None and answered.ok else "cancelled" if client_gone
-                      else "failed")
-            finish_rec = {"op": "run.finish", "run_id": call.run_id, "status": status,
-                          "ended_at": max(now, call.started_at + timedelta(microseconds=1)).isoformat()}
-            if status == "failed" and failing is not None:
-                finish_rec.update(error_code=failing.error_code or "upstream_error", failing_span_id=failing.span_id)
-            recs.append(finish_rec)
-        for i, rec in enumerate(recs):
-            records.validate_record(rec, f"records[{i}]")
-        traces.batch_accept(project=call.key.project, api_key=call.key, source="gateway", response={},
-                            records=recs, item_count=len(recs))
-    finally:
-        close_old_connections()
+        with transaction.atomic():  # the settle and the record: one commit
+            _finish(call, attempts, answered, client_gone)
+    except DatabaseError:
+        connection.close_if_unusable_or_obsolete()
+        raise
+
+
+def _finish(call: Call, attempts: list[Attempt], answered: Attempt | None, client_gone: bool) -> None:
+    now = timezone.now()
+    if answered is not None:
+        usage = usage_of(answered, call)
+        if not answered.usage:
+            answered.usage = usage
+            answered.extra["controlplane.gateway.usage"] = "counted"
+        cost = budgets.price_call(project_id=call.key.project_id, model=call.model,
+                                  provider=answered.route.provider, usage=usage, when=call.started_at)
+        budgets.reservation_settle(reservation=call.reservation, cost_nanos=cost, usage=usage, now=now)
+    else:
+        budgets.reservation_release(reservation=call.reservation, now=now)
+    recs: list[dict] = []
+    if call.new_run:
+        recs.append({"op": "run.start", "run_id": call.run_id, "agent_name": call.agent, "end_user": call.end_user,
+                     "status": "running", "started_at": call.started_at.isoformat(),
+                     "metadata": {"source": "gateway"}})
+    previous = None
+    for a in attempts:
+        recs.append({"op": "span", "run_id": call.run_id, "span": _span(call, a, previous)})
+        previous = a
+    if call.new_run:
+        failing = next((a for a in reversed(attempts) if not a.ok), None)
+        status = ("completed" if answered is not None and answered.ok else "cancelled" if client_gone
+                  else "failed")
+        finish_rec = {"op": "run.finish", "run_id": call.run_id, "status": status,
+                      "ended_at": max(now, call.started_at + timedelta(microseconds=1)).isoformat()}
+        if status == "failed" and failing is not None:
+            finish_rec.update(error_code=failing.error_code or "upstream_error", failing_span_id=failing.span_id)
+        recs.append(finish_rec)
+    for i, rec in enumerate(recs):
+        records.validate_record(rec, f"records[{i}]")
+    traces.batch_accept(project=call.key.project, api_key=call.key, source="gateway", response={},
+                        records=recs, item_count=len(recs))

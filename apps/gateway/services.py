@@ -3,18 +3,22 @@ upstreams serve a model, in order), read from the database at most every
 ``GATEWAY_ROUTES_TTL_SECONDS`` per project."""
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
+from apps.common.ttl import TTLCache
 from apps.projects.models import Project
 from apps.projects.services import audit_change, update_audited
 
 from .models import Upstream
+
+
+def _changed(project_id: int) -> None:
+    """This process reads the project's routes afresh (now, and once the change commits)."""
+    _routes.forget(project_id)
+    transaction.on_commit(lambda: _routes.forget(project_id))
 
 
 @transaction.atomic
@@ -28,12 +32,14 @@ def upstream_create(*, project: Project, actor, **fields) -> Upstream:
         raise ValidationError({"name": "An upstream of this project has this name already."})
     upstream.save()
     audit_change(actor, project, "gateway.upstream_created", upstream, after=upstream.as_dict())
+    _changed(project.pk)
     return upstream
 
 
 @transaction.atomic
 def upstream_update(*, upstream: Upstream, actor, **changes) -> Upstream:
     upstream = Upstream.objects.select_for_update().select_related("project").get(pk=upstream.pk)
+    _changed(upstream.project_id)
     return update_audited(upstream, changes, Upstream.FIELDS, lambda: upstream.full_clean(exclude=["project"]),
                           actor, "gateway.upstream_updated")
 
@@ -41,6 +47,7 @@ def upstream_update(*, upstream: Upstream, actor, **changes) -> Upstream:
 @transaction.atomic
 def upstream_delete(*, upstream: Upstream, actor) -> None:
     audit_change(actor, upstream.project, "gateway.upstream_deleted", upstream, before=upstream.as_dict())
+    _changed(upstream.project_id)
     upstream.delete()
 
 
@@ -66,42 +73,26 @@ class Route:
         return any(fnmatch.fnmatchcase(model, p) for p in self.patterns)
 
 
-class _Routes:
-    """Each project's enabled upstreams, in priority order, kept for a few seconds per project."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_project: dict[int, tuple[float, list[Route]]] = {}
-
-    def of(self, project_id: int) -> list[Route]:
-        now = time.monotonic()
-        found = self._by_project.get(project_id)
-        if found is not None and now - found[0] < settings.GATEWAY_ROUTES_TTL_SECONDS:
-            return found[1]
-        routes = [Route(u.pk, u.name, u.base_url.rstrip("/"), u.provider, u.api_key_env, tuple(u.model_names),
-                        u.timeout_seconds, u.max_output_tokens)
-                  for u in Upstream.objects.filter(project_id=project_id, enabled=True).order_by("priority", "id")]
-        with self._lock:
-            self._by_project[project_id] = (now, routes)
-        return routes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._by_project.clear()
+_routes = TTLCache("GATEWAY_ROUTES_TTL_SECONDS")
 
 
-routes = _Routes()
+def _project_routes(project_id: int) -> list[Route]:
+    """The project's enabled upstreams, in priority order (read at most every GATEWAY_ROUTES_TTL_SECONDS)."""
+    return _routes.get(project_id, lambda: [
+        Route(u.pk, u.name, u.base_url.rstrip("/"), u.provider, u.api_key_env, tuple(u.model_names),
+              u.timeout_seconds, u.max_output_tokens)
+        for u in Upstream.objects.filter(project_id=project_id, enabled=True).order_by("priority", "id")])
 
 
 def routes_for(project_id: int, model: str) -> list[Route]:
     """The upstreams that serve ``model`` for the project, first choice first."""
-    return [r for r in routes.of(project_id) if r.serves(model)]
+    return [r for r in _project_routes(project_id) if r.serves(model)]
 
 
 def models_of(project_id: int) -> list[str]:
     """The model names the project's upstreams serve (globs left out: they name no one model)."""
     names: list[str] = []
-    for r in routes.of(project_id):
+    for r in _project_routes(project_id):
         for p in r.patterns:
             if not any(c in p for c in "*?[") and p not in names:
                 names.append(p)

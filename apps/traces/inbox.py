@@ -68,7 +68,9 @@ def batch_accept(*, project, api_key, source: str, response: dict, records: list
     ``Idempotency-Key``, the first answer). Raises ApiError 409 when the key was used with another
     body. Database faults propagate (the API answers 503).
     """
-    with transaction.atomic():
+    # Inside a caller's transaction (the gateway's) a write without an Idempotency-Key takes no savepoint:
+    # nothing in it raises but a database fault, which fails the caller's transaction anyway.
+    with transaction.atomic(savepoint=bool(idempotency_key)):
         if idempotency_key:
             existing = IngestBatch.objects.filter(project=project, idempotency_key=idempotency_key).first()
             if existing is not None:
@@ -76,14 +78,15 @@ def batch_accept(*, project, api_key, source: str, response: dict, records: list
         batch = IngestBatch(project=project, api_key=api_key, source=source, kind=kind, payload=records,
                             raw=raw, item_count=item_count, idempotency_key=idempotency_key or None,
                             request_hash=request_hash, response={**response})
-        try:
-            with transaction.atomic():
-                batch.save()
-        except IntegrityError:
-            if not idempotency_key:
-                raise
-            existing = IngestBatch.objects.get(project=project, idempotency_key=idempotency_key)
-            return _replay(existing, request_hash), True
+        if not idempotency_key:
+            batch.save()
+        else:
+            try:
+                with transaction.atomic():  # a savepoint: a concurrent twin may win the unique key
+                    batch.save()
+            except IntegrityError:
+                existing = IngestBatch.objects.get(project=project, idempotency_key=idempotency_key)
+                return _replay(existing, request_hash), True
         transaction.on_commit(lambda: enqueue(batch.pk), robust=True)
         # Counted now rather than on commit, so that concurrent requests see it as soon as possible; one
         # that rolls back is over-counted until the sweeper's reconcile (it sheds early, never late).
@@ -121,8 +124,17 @@ class _Enqueuer:
         self._queue.put(batch_id)
 
     def _run(self) -> None:
+        last = 0.0
         while True:
             ids = [self._queue.get()]
+            # Under a stream of small batches (the gateway writes one per model call), send at most one
+            # task every TRACES_ENQUEUE_PACE_SECONDS: the ids that arrive meanwhile go with it (a task
+            # leases up to TRACES_PROJECTION_BATCH_LIMIT batches) instead of a broker round trip each.
+            # An isolated batch is sent at once.
+            wait = last + settings.TRACES_ENQUEUE_PACE_SECONDS - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            last = time.monotonic()
             try:
                 while True:
                     ids.append(self._queue.get_nowait())

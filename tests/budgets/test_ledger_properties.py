@@ -135,6 +135,7 @@ def machine_for(project):
             for r in Reservation.objects.filter(state="held"):
                 ledger.release(r, now=self.now)
             Budget.objects.filter(pk__in=self.ids).update(enabled=False)
+            ledger.forget_budgets(project.pk)
 
         @invariant()
         def the_ledger_is_the_model_and_no_hard_cap_is_passed(self):
