@@ -391,6 +391,8 @@ def _record_alert(b: Applicable, start: date, threshold: int, spent: int, cap: i
                                                threshold=threshold, spent_nanos=spent, cap_nanos=cap)
     except IntegrityError:
         return  # crossed already this period (spend went down and up again)
+    from .live import publish_alert
     from .tasks import budget_alert_notify
 
     transaction.on_commit(lambda: budget_alert_notify.delay(alert.pk))
+    transaction.on_commit(lambda: publish_alert(project_id=b.project_id, budget_id=b.id, threshold=threshold))

@@ -507,6 +507,14 @@ class Reservation(models.Model):
     def __str__(self) -> str:
         return f"reservation {self.pk} {self.state} ${usd(self.estimate_nanos)}"
 
+    @property
+    def estimate_usd(self) -> Decimal:
+        return usd(self.estimate_nanos)
+
+    @property
+    def charged_usd(self) -> Decimal | None:
+        return usd(self.charged_nanos)
+
 
 class BudgetAlert(models.Model):
     """A budget's period crossed one of its thresholds (recorded once per period and threshold)."""
@@ -530,3 +538,11 @@ class BudgetAlert(models.Model):
 
     def __str__(self) -> str:
         return f"{self.budget} at {self.threshold}% from {self.period_start}"
+
+    @property
+    def spent_usd(self) -> Decimal:
+        return usd(self.spent_nanos)
+
+    @property
+    def cap_usd(self) -> Decimal:
+        return usd(self.cap_nanos)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 from datetime import date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -17,6 +18,7 @@ from apps.traces import selectors as traces_selectors
 
 from .models import (
     Budget,
+    BudgetAlert,
     BudgetLedger,
     CostDay,
     CostDayEndUser,
@@ -180,24 +182,106 @@ def agent_costs(*, principal, project_slug: str | None, since: datetime, until: 
 # --- budgets and reservations ---------------------------------------------------------------------
 
 
-def budgets_current(budgets: list[Budget], *, now: datetime | None = None) -> dict[int, dict]:
-    """Each budget's period in force: spent, held, remaining, when it resets (one query)."""
+def _periods(budgets: list[Budget], *, now: datetime) -> dict[int, tuple]:
+    """Each budget's period in force: {id: (Applicable, period start, ledger row or None)} (one query)."""
     from .ledger import Applicable, _zone
 
-    now = now or timezone.now()
     applicable = {b.pk: Applicable(b.pk, b.project_id, b.name, b.scope, b.value, b.period, b.cap_nanos, b.hard,
                                    _zone(b.time_zone or b.project.time_zone), tuple(b.thresholds or ()),
                                    _zone(b.project.time_zone))
                   for b in budgets}
     starts = {pk: a.period_of(now) for pk, a in applicable.items()}
-    rows = {(r.budget_id, r.period_start): r for r in BudgetLedger.objects.filter(budget_id__in=list(applicable),
-                                                                                 period_start__in=set(starts.values()))}
+    rows = ({(r.budget_id, r.period_start): r for r in BudgetLedger.objects.filter(
+        budget_id__in=list(applicable), period_start__in=set(starts.values()))} if applicable else {})
+    return {pk: (a, starts[pk], rows.get((pk, starts[pk]))) for pk, a in applicable.items()}
+
+
+def budgets_current(budgets: list[Budget], *, now: datetime | None = None) -> dict[int, dict]:
+    """Each budget's period in force: spent, held, remaining, when it resets (one query)."""
     out = {}
-    for pk, a in applicable.items():
-        row = rows.get((pk, starts[pk]))
-        out[pk] = a.as_out(start=starts[pk], charged=row.charged_nanos if row else 0,
+    for pk, (a, start, row) in _periods(budgets, now=now or timezone.now()).items():
+        out[pk] = a.as_out(start=start, charged=row.charged_nanos if row else 0,
                            traced=row.traced_nanos if row else 0, held=row.held_nanos if row else 0)
     return out
+
+
+NEAR_FRACTION = Decimal("0.8")  # a budget with no thresholds is "near" its cap from 80 % on
+
+
+def budget_board(*, principal, project_slug: str | None = None, now: datetime | None = None) -> list[dict[str, Any]]:
+    """The enabled budgets the caller may see, each with its period in force: cap, spent (charged and
+    traced), held now, what is left, the share used (spent and held over the cap), when it resets, the
+    thresholds crossed in the period and ``level`` (``over``, ``near`` or ``ok``). Most used first.
+    Three queries, whatever the number of budgets."""
+    now = now or timezone.now()
+    budgets = list(Budget.objects.visible_to(principal, project_slug=project_slug).filter(enabled=True)
+                   .select_related("project"))
+    periods = _periods(budgets, now=now)
+    crossed: dict[tuple[int, date], list[int]] = {}
+    if budgets:
+        for budget_id, start, threshold in (BudgetAlert.objects.filter(
+                budget_id__in=[b.pk for b in budgets], period_start__in={p[1] for p in periods.values()})
+                .order_by("threshold").values_list("budget_id", "period_start", "threshold")):
+            crossed.setdefault((budget_id, start), []).append(threshold)
+    out = []
+    for b in budgets:
+        a, start, row = periods[b.pk]
+        spent = (row.charged_nanos + row.traced_nanos) if row else 0
+        held = row.held_nanos if row else 0
+        share = Decimal(spent + held) / b.cap_nanos if b.cap_nanos else (Decimal(1) if spent + held else Decimal(0))
+        near = min(b.thresholds) / Decimal(100) if b.thresholds else NEAR_FRACTION
+        out.append({
+            "budget": b, "project": b.project.slug, "period_start": start,
+            "resets_at": resets_at_of(a, start), "cap_usd": usd(b.cap_nanos), "spent_usd": usd(spent),
+            "held_usd": usd(held), "remaining_usd": usd(max(b.cap_nanos - spent - held, 0)),
+            "reservations": row.reservations if row else 0, "share": share, "percent": min(int(share * 100), 999),
+            "crossed": crossed.get((b.pk, start), []), "bar": _bar(spent, held, b.cap_nanos),
+            "level": "over" if share >= 1 else "near" if share >= near else "ok"})
+    out.sort(key=lambda r: (-r["share"], r["project"], r["budget"].name))
+    return out
+
+
+def _bar(spent: int, held: int, cap: int) -> dict[str, float]:
+    """The use bar's two segments in percent of the cap (together at most 100)."""
+    if cap <= 0:
+        return {"spent": 100.0 if spent else 0.0, "held": 0.0 if spent or not held else 100.0}
+    s = min(spent * 100 / cap, 100.0)
+    return {"spent": round(s, 1), "held": round(min(held * 100 / cap, 100.0 - s), 1)}
+
+
+def resets_at_of(a, start: date) -> datetime:
+    from .ledger import resets_at
+
+    return resets_at(a.period, start, a.tz)
+
+
+def reservations_held(*, principal, project_slug: str | None = None, limit: int = 20) -> dict[str, Any]:
+    """The reservations held now (oldest first: the ones nearest their expiry), how many and how much."""
+    qs = Reservation.objects.visible_to(principal, project_slug=project_slug).filter(state=Reservation.State.HELD)
+    totals = qs.aggregate(n=Count("id"), s=Sum("estimate_nanos"))
+    return {"rows": list(qs.select_related("project").order_by("created_at", "id")[:limit]), "count": totals["n"],
+            "held_usd": usd(totals["s"] or 0)}
+
+
+def budget_alerts(*, principal, project_slug: str | None = None, since: datetime | None = None,
+                  limit: int = 50) -> list[BudgetAlert]:
+    """Thresholds crossed (newest first)."""
+    qs = BudgetAlert.objects.visible_to(principal, project_slug=project_slug).select_related("project", "budget")
+    if since:
+        qs = qs.filter(created_at__gte=since)
+    return list(qs.order_by("-created_at", "-id")[:limit])
+
+
+RUN_RESERVATIONS = 50
+
+
+def reservations_of_run(run) -> dict[str, Any]:
+    """A run's reservations and refusals (run already authorised): the first ``RUN_RESERVATIONS`` in
+    the order they were made, how many there were and how many were refused."""
+    qs = Reservation.objects.filter(project_id=run.project_id, run_id=run.run_id)
+    totals = qs.aggregate(n=Count("id"), refused=Count("id", filter=Q(state=Reservation.State.REFUSED)))
+    rows = list(qs.select_related("refused_by").order_by("created_at", "id")[:RUN_RESERVATIONS]) if totals["n"] else []
+    return {"rows": rows, "count": totals["n"], "refused": totals["refused"]}
 
 
 def budgets_of_project(project: Project) -> list[Budget]:

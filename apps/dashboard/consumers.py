@@ -14,6 +14,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.http import Http404, QueryDict
 from django.template.loader import render_to_string
 
+from apps.budgets import live as budgets_live
 from apps.projects.access import ProjectAccess, project_access
 from apps.projects.models import SLUG_RE, Project
 from apps.traces import selectors as traces
@@ -71,9 +72,12 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
     def query(self) -> QueryDict:
         return QueryDict(self.scope.get("query_string", b"").decode("latin-1"))
 
-    def project_groups(self, access: ProjectAccess) -> list[str]:
+    def project_ids(self, access: ProjectAccess) -> list[int]:
         ids = Project.objects.visible_to(access).values_list("pk", flat=True) if access.everything else access.roles
-        return [traces.project_runs_group(pid) for pid in sorted(ids)]
+        return sorted(ids)
+
+    def project_groups(self, access: ProjectAccess) -> list[str]:
+        return [traces.project_runs_group(pid) for pid in self.project_ids(access)]
 
     def subscribe(self) -> list[str] | None:
         raise NotImplementedError
@@ -110,7 +114,8 @@ class RunListConsumer(LiveConsumer):
 
 
 class OverviewConsumer(LiveConsumer):
-    """``/ws/overview/?project=``: a nudge (``changed``) whenever a visible run moves; the page re-reads
+    """``/ws/overview/?project=``: a nudge (``changed``) whenever a visible run moves or a budget crosses a
+    threshold; the page re-reads
     its tiles (debounced on the page, so a burst of runs costs one re-read)."""
 
     def subscribe(self):
@@ -120,10 +125,16 @@ class OverviewConsumer(LiveConsumer):
             if not SLUG_RE.fullmatch(slug):
                 return None
             access = access.in_project(slug)
-        return self.project_groups(access)
+        ids = self.project_ids(access)
+        return ([traces.project_runs_group(pid) for pid in ids]
+                + [budgets_live.project_alerts_group(pid) for pid in ids])
 
     def message(self, event):
         return {"type": "changed"} if _sees(self.access(), event["project_id"]) else None
+
+    async def budget_alert(self, event):
+        """A budget crossed a threshold: the tiles are re-read as for a run."""
+        await self.run_updated(event)
 
 
 class RunConsumer(LiveConsumer):

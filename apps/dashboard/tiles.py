@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
+from django.utils import timezone
+
 from apps.budgets import selectors as budgets
 from apps.traces import selectors as traces
 
@@ -58,9 +60,20 @@ def _unpriced(access, project_slug):
             "unpriced_models": len(rows), "unpriced_days": UNPRICED_DAYS}
 
 
+def _budgets(access, project_slug):
+    """Budgets at or past their first threshold (80 % without one), most used first; thresholds crossed today."""
+    board = budgets.budget_board(principal=access, project_slug=project_slug)
+    hot = [b for b in board if b["level"] != "ok"]
+    return {"budgets": hot[:TILE_ROWS], "budgets_over": sum(1 for b in board if b["level"] == "over"),
+            "budgets_near": sum(1 for b in board if b["level"] == "near"), "budgets_count": len(board),
+            "budget_alerts": budgets.budget_alerts(principal=access, project_slug=project_slug,
+                                                   since=timezone.now() - timedelta(days=1), limit=TILE_ROWS)}
+
+
 TILES: list[Tile] = [
     Tile("runs", "dashboard/tiles/runs.html", _runs),
     Tile("spend", "dashboard/tiles/spend.html", _spend),
+    Tile("budgets", "dashboard/tiles/budgets.html", _budgets),
     Tile("spikes", "dashboard/tiles/spikes.html", _spikes),
     Tile("unpriced", "dashboard/tiles/unpriced.html", _unpriced),
 ]

@@ -136,6 +136,17 @@ def shoot(page, name):
     page.set_viewport_size({"width": 1280, "height": 900})
 
 
+def reload_until(page, url, selector, seconds=10):
+    """Open ``url`` again until ``selector`` is on it (what a worker projects shows up a moment later)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        page.goto(url)
+        if page.locator(selector).count():
+            return
+        assert time.monotonic() < deadline, page.locator("main").inner_text()[:2000]
+        page.wait_for_timeout(300)
+
+
 def live_ready(page):
     page.wait_for_selector("[data-live-state][data-state=open]", timeout=10_000)
 
@@ -342,13 +353,7 @@ def test_the_costs_page_draws_spend_and_the_run_page_a_run_s_cost(server, browse
          "start_time": ago(33), "end_time": ago(32), "usage": usage, "cost_usd": "0.05"}])
     server.rest("POST", "/runs/cost-1/finish", {"status": "completed"})
     page = sign_in(browser, server)
-    deadline = time.monotonic() + 10
-    while True:
-        page.goto(f"{server.base}/costs/")
-        if page.locator("[data-costs=agent] >> text=pricing-bot").count():
-            break
-        assert time.monotonic() < deadline, page.locator("main").inner_text()[:2000]
-        page.wait_for_timeout(300)
+    reload_until(page, f"{server.base}/costs/", "[data-costs=agent] >> text=pricing-bot")
     assert page.locator("svg.daybars a[data-day]").count() == 30 and page.locator("svg.daybars rect.bar").count() >= 1
     for table, name in (("agent", "pricing-bot"), ("end_user", "u-77"), ("model", "claude-sonnet-4-20250514"),
                         ("provider", "anthropic")):
@@ -377,3 +382,48 @@ def test_the_costs_page_draws_spend_and_the_run_page_a_run_s_cost(server, browse
     other = sign_in(browser, server, user="other-auditor")
     other.goto(f"{server.base}/costs/")
     assert "pricing-bot" not in other.locator("main").inner_text()
+
+
+MAKE_BUDGET = """
+from apps.budgets import services
+from apps.projects.models import Project
+services.budget_create(project=Project.objects.get(slug="demo"), actor=None, name="browser-daily",
+                       cap_nanos=10**9, thresholds=[50, 90])
+"""
+
+
+def test_a_budget_crossing_a_threshold_shows_live_on_the_overview_and_on_the_costs_page(server, browser):
+    server.manage("shell", "-c", MAKE_BUDGET)
+    raw = server.manage("create_api_key", "--project", "demo", "--scopes", "budget,ingest").strip()
+
+    def call(path, body):
+        status, text, _ = http.request("POST", f"{server.base}/api/v1/budget/reservations{path}", timeout=20,
+                                       headers={"Authorization": f"Bearer {raw}", "Content-Type": "application/json"},
+                                       data=json.dumps(body).encode())
+        assert status in (200, 201, 402), (status, text)
+        return status, json.loads(text)
+
+    page = sign_in(browser, server)
+    page.goto(f"{server.base}/")
+    live_ready(page)
+    assert page.locator("[data-tile=budgets] [data-alert]").count() == 0
+    _, held = call("", {"estimated_cost_usd": "0.60", "run_id": "budget-run-1", "agent": "spender"})
+    sent = time.monotonic()
+    call(f"/{held['id']}/settle", {"cost_usd": "0.55"})  # 55 % of $1: crosses 50 %
+    page.wait_for_selector("[data-tile=budgets] [data-alert=browser-daily-50]", timeout=LIVE_WITHIN_MS + 3000)
+    elapsed_ms = (time.monotonic() - sent) * 1000
+    assert elapsed_ms < LIVE_WITHIN_MS, f"the crossed threshold appeared after {elapsed_ms:.0f} ms"
+    assert "55 % of $1.00" in page.locator("[data-tile=budgets] [data-budget=browser-daily]").inner_text()
+    status, refusal = call("", {"estimated_cost_usd": "0.50", "run_id": "budget-run-1", "agent": "spender"})
+    assert status == 402 and refusal["error_code"] == "budget_exceeded"
+    shoot(page, "overview-budgets")
+    page.goto(f"{server.base}/costs/")
+    row = page.locator("[data-costs=budgets] tr[data-budget=browser-daily]")
+    assert row.get_attribute("data-level") == "near" and "50 % ✓" in row.inner_text()
+    shoot(page, "costs-budgets")
+    server.rest("POST", "/runs", {"run_id": "budget-run-1", "agent": "spender", "started_at": ago(5)})
+    reload_until(page, f"{server.base}/runs/demo/budget-run-1/", "[data-run=reservations]")
+    states = page.locator("[data-run=reservations] tr[data-state]").evaluate_all("rs => rs.map(r => r.dataset.state)")
+    assert states == ["settled", "refused"]
+    assert "budget “browser-daily”" in page.locator("[data-run=reservations] tr[data-state=refused]").inner_text()
+    shoot(page, "run-reservations")

@@ -187,8 +187,10 @@ def test_the_costs_page_asks_a_fixed_number_of_queries(client, bob, project, mak
     drain()
     client.force_login(bob)
     # Session, user, access, visible projects; the projects' time zones, spend by day, by agent, by end
-    # user, by model and provider, the spikes, the unpriced calls: never a query per row.
-    with django_assert_num_queries(11):
+    # user, by model and provider, the spikes, the unpriced calls; the budgets (their periods and
+    # thresholds crossed only where there are budgets), the holds (their totals, the oldest), the
+    # thresholds crossed in the range: never a query per row.
+    with django_assert_num_queries(15):
         page = _page(client)
     assert page.count("agent-") >= 12 and page.count('data-unpriced="x/unknown-') == 12
 
@@ -276,20 +278,21 @@ def test_the_overview_tiles_show_spend_today_spikes_and_unpriced_models(client, 
 def test_run_pages_with_costs_ask_a_fixed_number_of_queries(client, bob, seeded, django_assert_num_queries):
     client.force_login(bob)
     # Session, user, access, visible projects; the run, its outline (three), its children, its tool
-    # calls; the priced spans, and (a run with children only) the children's costs.
-    with django_assert_num_queries(12):
+    # calls; the priced spans, its reservations (how many: none, so no list), and (a run with
+    # children only) the children's costs.
+    with django_assert_num_queries(13):
         _page(client, "/runs/acme/r1/")
-    with django_assert_num_queries(11):
+    with django_assert_num_queries(12):
         _page(client, "/runs/acme/r2/")
     with django_assert_num_queries(7):  # ... the run, the span, its updates, its price
         _page(client, "/runs/acme/r1/spans/a/")
     with django_assert_num_queries(5):  # the runs list: the page of runs, costs on the row
         _page(client, "/runs/")
     # The overview: the runs' tiles, then spend by day, spikes, unpriced calls (and with a project, its
-    # time zone for "today").
-    with django_assert_num_queries(16):
+    # time zone for "today"), the budgets and the thresholds crossed.
+    with django_assert_num_queries(18):
         _page(client, "/")
-    with django_assert_num_queries(17):
+    with django_assert_num_queries(19):
         _page(client, "/", project="acme")
 
 

@@ -54,7 +54,8 @@ class CostsPage(Page):
     """``?project=`` narrows to one project, ``?since=``/``?until=`` pick the project days (default the
     last 30). A fixed number of queries past the layout's: the projects' time zones, spend by day, by
     agent, by end user, by model and provider (the provider table is summed from it), the spikes and
-    the unpriced calls (``budgets.selectors``)."""
+    the unpriced calls, the budgets in their period, the reservations held now and the thresholds
+    crossed in the range (``budgets.selectors``)."""
 
     template_name = "dashboard/costs.html"
     nav = "costs"
@@ -151,6 +152,10 @@ class CostsPage(Page):
             "providers": _table(providers, lambda r: link(r["project"], since, until, provider=r["provider"])
                                 if r["provider"] else None, total),
             "spikes": spikes, "unpriced": unpriced,
+            "budget_board": budgets.budget_board(principal=self.access, project_slug=project),
+            "held": budgets.reservations_held(principal=self.access, project_slug=project),
+            "budget_alerts": budgets.budget_alerts(principal=self.access, project_slug=project, since=datetime.combine(
+                since, time(0), tzinfo=chart_tz)),
             "by_project": not project and len(self.visible_projects) != 1,
         }
 

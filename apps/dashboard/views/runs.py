@@ -172,6 +172,7 @@ class RunPage(Page):
                        for n, loop in enumerate(page["topology"]["loops"])],
             "values": {name: _preview(getattr(run, name)) for name in RUN_FIELDS if getattr(run, name) not in (None, {}, [])},
             "live_url": f"/ws/runs/{project}/{run.run_id}/",
+            "reservations": budgets.reservations_of_run(run),
         }
         if request.GET.get("fragment") == "body":
             return render(request, "dashboard/_run_body.html", context)
