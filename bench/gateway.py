@@ -31,32 +31,47 @@ def summary(ms: list[float]) -> dict:
             "mean_ms": round(statistics.fmean(ms), 3), "max_ms": round(max(ms), 3)}
 
 
+CLIENTS_PER_POOL = 8  # httpx's pool costs grow with the square of its connections: a pool per 8 clients
+
+
+def client_pools(a, n: int, **kw) -> list[httpx.AsyncClient]:
+    """``n`` clients' connections in pools of at most CLIENTS_PER_POOL (one large pool would make the
+    benchmark's own client the bottleneck: 190 calls/s at most at 64 connections, ~880 at 8)."""
+    pools = -(-n // CLIENTS_PER_POOL)
+    per = -(-n // pools)
+    limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
+    return [httpx.AsyncClient(base_url=a.url, headers={"Authorization": f"Bearer {a.key}"}, limits=limits, **kw)
+            for _ in range(pools)]
+
+
 async def reserve(a) -> dict:
-    headers = {"Authorization": f"Bearer {a.key}"}
     latencies: list[float] = []
     refused = 0
-    limits = httpx.Limits(max_connections=a.concurrency, max_keepalive_connections=a.concurrency)
-    async with httpx.AsyncClient(base_url=a.url, headers=headers, limits=limits, timeout=30) as client:
-        async def worker(n: int) -> None:
-            nonlocal refused
-            for i in range(a.requests // a.concurrency):
-                body = {"estimated_cost_usd": "0.001", "agent": f"agent-{n % 8}", "end_user": f"u-{i % 50}"}
-                t0 = time.perf_counter()
-                r = await client.post("/api/v1/budget/reservations", json=body)
-                latencies.append((time.perf_counter() - t0) * 1000)
-                if r.status_code == 402:
-                    refused += 1
-                    continue
-                r.raise_for_status()
-                rid = r.json()["id"]
-                if i % 4:
-                    await client.post(f"/api/v1/budget/reservations/{rid}/settle", json={"cost_usd": "0.0005"})
-                else:
-                    await client.post(f"/api/v1/budget/reservations/{rid}/release")
+    pools = client_pools(a, a.concurrency, timeout=30)
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(n) for n in range(a.concurrency)))
-        wall = time.perf_counter() - t0
+    async def worker(n: int) -> None:
+        nonlocal refused
+        client = pools[n % len(pools)]
+        for i in range(a.requests // a.concurrency):
+            body = {"estimated_cost_usd": "0.001", "agent": f"agent-{n % 8}", "end_user": f"u-{i % 50}"}
+            t0 = time.perf_counter()
+            r = await client.post("/api/v1/budget/reservations", json=body)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            if r.status_code == 402:
+                refused += 1
+                continue
+            r.raise_for_status()
+            rid = r.json()["id"]
+            if i % 4:
+                await client.post(f"/api/v1/budget/reservations/{rid}/settle", json={"cost_usd": "0.0005"})
+            else:
+                await client.post(f"/api/v1/budget/reservations/{rid}/release")
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(n) for n in range(a.concurrency)))
+    wall = time.perf_counter() - t0
+    for client in pools:
+        await client.aclose()
     return {"bench": "reserve", "concurrency": a.concurrency, "refused": refused,
             "reservations_per_s": round(len(latencies) / wall, 1), **summary(latencies)}
 
@@ -102,25 +117,25 @@ async def overhead(a) -> dict:
 
 
 async def rps(a) -> dict:
-    limits = httpx.Limits(max_connections=a.concurrency, max_keepalive_connections=a.concurrency)
     body = {"model": a_model, "messages": MESSAGES, "max_tokens": 16}
     done = errors = 0
-    async with httpx.AsyncClient(base_url=a.url, headers={"Authorization": f"Bearer {a.key}"}, limits=limits,
-                                 timeout=30) as client:
-        stop = time.perf_counter() + a.seconds
+    pools = client_pools(a, a.concurrency, timeout=30)
+    stop = time.perf_counter() + a.seconds
 
-        async def worker() -> None:
-            nonlocal done, errors
-            while time.perf_counter() < stop:
-                r = await client.post("/gateway/v1/chat/completions", json=body)
-                if r.status_code == 200:
-                    done += 1
-                else:
-                    errors += 1
+    async def worker(client) -> None:
+        nonlocal done, errors
+        while time.perf_counter() < stop:
+            r = await client.post("/gateway/v1/chat/completions", json=body)
+            if r.status_code == 200:
+                done += 1
+            else:
+                errors += 1
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(a.concurrency)))
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(pools[n % len(pools)]) for n in range(a.concurrency)))
+    wall = time.perf_counter() - t0
+    for client in pools:
+        await client.aclose()
     return {"bench": "rps", "concurrency": a.concurrency, "seconds": round(wall, 2), "ok": done, "errors": errors,
             "requests_per_s": round(done / wall, 1)}
 

@@ -235,7 +235,9 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "INFO"}},
+    # httpx logs every request at INFO: a line per gateway call would cost the call boundary its CPU.
+    "loggers": {"django.db.backends": {"level": "INFO"}, "httpx": {"level": "WARNING"},
+                "httpcore": {"level": "WARNING"}},
 }
 
 # --- controlplane ----------------------------------------------------------------------------------
@@ -347,5 +349,7 @@ GATEWAY_ROUTES_TTL_SECONDS = env_float("GATEWAY_ROUTES_TTL_SECONDS", 2, minimum=
 # holding one connection.
 GATEWAY_KEY_CACHE_SECONDS = env_float("GATEWAY_KEY_CACHE_SECONDS", 2, minimum=0)
 GATEWAY_DB_THREADS = env_int("GATEWAY_DB_THREADS", 4, minimum=1)
-GATEWAY_MAX_CONNECTIONS = env_int("GATEWAY_MAX_CONNECTIONS", 200, minimum=1)
+# Connections to upstreams, in all, over GATEWAY_CLIENT_POOLS pools taken in turn (see gateway.app.client).
+GATEWAY_MAX_CONNECTIONS = env_int("GATEWAY_MAX_CONNECTIONS", 256, minimum=1)
+GATEWAY_CLIENT_POOLS = env_int("GATEWAY_CLIENT_POOLS", 16, minimum=1)
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024)

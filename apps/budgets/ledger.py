@@ -2,13 +2,15 @@
 
 A budget's period (its day or month, in the budget's time zone) has one ``BudgetLedger`` row:
 charged (settled reservations), traced (spend that arrived through traces without a reservation)
-and held (reservations not settled yet). Reserving is **one statement**: an upsert of the ledger rows
+and held (reservations not settled yet). Reserving is **one conditional upsert**: of the ledger rows
 of every budget that applies, creating a period's row on its first use, whose update runs only where
 ``charged + traced + held + this <= cap`` (``INSERT … ON CONFLICT … DO UPDATE … WHERE … RETURNING``,
 on PostgreSQL and SQLite alike). The database serialises the updates of one row, so two calls can
 never both take the last dollar; a budget whose row did not come back refused the call, and the
-transaction (and any hold taken on another budget) is rolled back. Nothing else is locked: no audit
-chain (a reservation is the run log's, not a change), no row but the ledger's.
+transaction (and any hold taken on another budget) is rolled back. On PostgreSQL the upsert and the
+reservation's row are one statement in its own transaction (``_hold_in_one``: one round trip, no
+BEGIN or COMMIT of ours). Nothing else is locked: no audit chain (a reservation is the run log's,
+not a change), no row but the ledger's.
 
 Settling, releasing and expiring move a reservation out of ``held`` with a conditional update of its
 own row (``WHERE state = 'held'``): whatever the concurrency, each happens once; a repeated settle
@@ -21,15 +23,18 @@ projection) counts in the period of the call's hour.
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
+from contextlib import nullcontext as _nothing
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-from django.db import IntegrityError, connection, transaction
+from django.db import DataError, IntegrityError, connection, transaction
+from django.db.models import Sum
 from django.utils import timezone
 
 from apps.common.ttl import TTLCache
@@ -190,7 +195,11 @@ def reserve(*, project_id: int, api_key_id: int, amount: int, agent: str = "", e
     taken: dict[int, tuple] = {}
     # A hard cap below the amount refuses it even in a period with no row yet (the insert takes no check).
     over = {b.id for b, _ in rows if b.hard and amount > b.cap_nanos}
-    if not over:
+    if not over and rows and connection.vendor == "postgresql":
+        held = _hold_in_one(rows, amount, fields)
+        if held is not None:
+            return held
+    elif not over:
         with transaction.atomic():
             taken = _hold(rows, amount) if rows else {}
             refused = [b for b, _ in rows if b.id not in taken]
@@ -200,21 +209,75 @@ def reserve(*, project_id: int, api_key_id: int, amount: int, agent: str = "", e
                 return Held(reservation, [b.as_out(start=start, charged=taken[b.id][1], traced=taken[b.id][2],
                                                    held=taken[b.id][3]) for b, start in rows])
             transaction.set_rollback(True)
-    refusals = _refusals([(b, start) for b, start in rows if (b.id in over if over else b.id not in taken)])
+    if over:
+        refusals = _refusals([(b, start) for b, start in rows if b.id in over])
+    elif taken:
+        refusals = _refusals([(b, start) for b, start in rows if b.id not in taken])
+    else:  # the holds were undone whole (one statement): the hard budgets this amount does not fit now
+        refusals = _refusals([(b, start) for b, start in rows if b.hard], unless_fits=amount)
     reservation = Reservation.objects.create(state=Reservation.State.REFUSED, closed_at=now,
                                              refused_by_id=refusals[0]["id"], **fields)
     raise BudgetExceeded(refusals, reservation, amount)
 
 
-def _refusals(rows: list[tuple[Applicable, date]]) -> list[dict]:
+_RESERVATION = Reservation._meta.db_table
+_RESERVATION_COLUMNS = ("project_id", "api_key_id", "agent_name", "end_user", "model", "provider", "run_id",
+                        "estimate_nanos", "created_at", "expires_at")
+
+
+def _hold_in_one(rows: list[tuple[Applicable, date]], amount: int, fields: dict) -> Held | None:
+    """PostgreSQL: the holds and the reservation's row in one statement (one round trip, its own
+    transaction when none is open). Every row must come back: where one does not (a hard budget
+    refused), no reservation row is written and the statement divides by zero, so that it fails whole
+    and no hold stays taken; None then (the caller reads the refusals)."""
+    t, r = _q(_LEDGER), _q(_RESERVATION)
+    values = ", ".join(["(%s, %s, %s, %s, %s, 0, 0, %s, 1)"] * len(rows))
+    params = [x for b, start in rows for x in (b.project_id, b.id, start, b.cap_nanos, b.hard, amount)]
+    columns = ", ".join(_q(c) for c in _RESERVATION_COLUMNS)
+    marks = ", ".join(["%s"] * len(_RESERVATION_COLUMNS))
+    params += [fields[c] for c in _RESERVATION_COLUMNS] + [len(rows)]
+    sql = (f"WITH h AS (INSERT INTO {t} (project_id, budget_id, period_start, cap_nanos, hard, charged_nanos, "
+           f"traced_nanos, held_nanos, reservations) VALUES {values} "
+           f"ON CONFLICT (budget_id, period_start) DO UPDATE SET held_nanos = {t}.held_nanos + excluded.held_nanos, "
+           f"reservations = {t}.reservations + 1, cap_nanos = excluded.cap_nanos, hard = excluded.hard "
+           f"WHERE NOT excluded.hard OR {t}.charged_nanos + {t}.traced_nanos + {t}.held_nanos + excluded.held_nanos "
+           f"<= excluded.cap_nanos RETURNING id, budget_id, charged_nanos, traced_nanos, held_nanos), "
+           f"n AS (SELECT count(*) AS taken, jsonb_agg(id ORDER BY id) AS ids FROM h), "
+           f"r AS (INSERT INTO {r} ({columns}, state, ledger_ids) SELECT {marks}, 'held', n.ids FROM n WHERE n.taken = %s "
+           f"RETURNING id) "
+           f"SELECT (SELECT id FROM r), 1 / (SELECT count(*) FROM r), "
+           f"(SELECT jsonb_agg(jsonb_build_array(id, budget_id, charged_nanos, traced_nanos, held_nanos)) FROM h)")
+    try:
+        # Inside a caller's transaction a savepoint keeps the refusal's error from failing it; alone, the
+        # statement is its own transaction (autocommit: no BEGIN, no COMMIT round trip).
+        with transaction.atomic() if connection.in_atomic_block else _nothing():
+            with connection.cursor() as cur:
+                cur.execute(sql, params)
+                reservation_id, _, taken_rows = cur.fetchone()
+    except DataError:
+        return None
+    if isinstance(taken_rows, str):  # Django's psycopg loads JSON as text (its fields decode it)
+        taken_rows = json.loads(taken_rows)
+    taken = {budget_id: (pk, charged, traced, held) for pk, budget_id, charged, traced, held in taken_rows}
+    reservation = Reservation(pk=reservation_id, state=Reservation.State.HELD,
+                              ledger_ids=sorted(v[0] for v in taken.values()), **fields)
+    reservation._state.adding = False
+    return Held(reservation, [b.as_out(start=start, charged=taken[b.id][1], traced=taken[b.id][2],
+                                       held=taken[b.id][3]) for b, start in rows])
+
+
+def _refusals(rows: list[tuple[Applicable, date]], *, unless_fits: int | None = None) -> list[dict]:
+    """Each budget's use (as a refusal names it); with ``unless_fits``, only those that amount does not fit
+    now (all of them should the room have been freed since: the call was refused all the same)."""
     found = {(budget_id, start): (charged, traced, held) for budget_id, start, charged, traced, held in
              BudgetLedger.objects.filter(budget_id__in=[b.id for b, _ in rows])
              .values_list("budget_id", "period_start", "charged_nanos", "traced_nanos", "held_nanos")}
     out = []
     for b, start in rows:
         charged, traced, held = found.get((b.id, start), (0, 0, 0))
-        out.append(b.as_out(start=start, charged=charged, traced=traced, held=held))
-    return out
+        if unless_fits is None or charged + traced + held + unless_fits > b.cap_nanos:
+            out.append(b.as_out(start=start, charged=charged, traced=traced, held=held))
+    return out or ([] if unless_fits is None else _refusals(rows))
 
 
 # --- settling, releasing, expiring ----------------------------------------------------------------
@@ -272,6 +335,58 @@ def settle(reservation: Reservation, *, actual: int, usage: dict | None = None,
     if reservation.state != Reservation.State.SETTLED:
         raise ReservationClosed(reservation)
     return reservation
+
+
+def settle_many(items: list[tuple[Reservation, int, dict | None]], *, now: datetime | None = None) -> None:
+    """``settle`` for several held reservations ((reservation, actual, usage) each), in the caller's
+    transaction: on PostgreSQL their rows move out of ``held`` in one statement and the ledger's rows
+    they hold on take the sum of their changes in one more (locked in id order, from there to the
+    commit only). One that was not held any more (expired, released) is settled alone, as ``settle``
+    does; a closed one raises ``ReservationClosed``."""
+    now = now or timezone.now()
+    if connection.vendor != "postgresql" or len(items) < 2:
+        for reservation, actual, usage in items:
+            settle(reservation, actual=actual, usage=usage, now=now)
+        return
+    r = _q(_RESERVATION)
+    values = ", ".join(["(%s, %s, %s::jsonb)"] * len(items))
+    params: list = [now]
+    for reservation, actual, usage in items:
+        params += [reservation.pk, actual, None if usage is None else json.dumps(usage)]
+    with connection.cursor() as cur:
+        cur.execute(f"UPDATE {r} SET state = 'settled', charged_nanos = v.actual, usage = v.usage, closed_at = %s "
+                    f"FROM (VALUES {values}) AS v (id, actual, usage) WHERE {r}.id = v.id AND {r}.state = 'held' "
+                    f"RETURNING {r}.id", params)
+        moved = {row[0] for row in cur.fetchall()}
+    deltas: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    project_ids = set()
+    for reservation, actual, usage in items:
+        if reservation.pk not in moved:
+            continue
+        for ledger_id in reservation.ledger_ids:
+            deltas[ledger_id][0] -= reservation.estimate_nanos
+            deltas[ledger_id][1] += actual
+        project_ids.add(reservation.project_id)
+        reservation.state, reservation.charged_nanos = Reservation.State.SETTLED, actual
+        reservation.usage, reservation.closed_at = usage, now
+    if deltas:
+        t = _q(_LEDGER)
+        ids = sorted(deltas)
+        values = ", ".join(["(%s, %s, %s)"] * len(ids))
+        marks = ", ".join(["%s"] * len(ids))
+        with connection.cursor() as cur:
+            cur.execute(f"UPDATE {t} SET held_nanos = held_nanos + v.held, charged_nanos = charged_nanos + v.charged "
+                        f"FROM (VALUES {values}) AS v (id, held, charged) WHERE {t}.id = v.id AND {t}.id IN "
+                        f"(SELECT id FROM {t} WHERE id IN ({marks}) ORDER BY id FOR UPDATE) "
+                        f"RETURNING {t}.id, budget_id, period_start, charged_nanos, traced_nanos, cap_nanos",
+                        [x for i in ids for x in (i, *deltas[i])] + ids)
+            after = cur.fetchall()
+        budgets = {b.id: b for b in budgets_of(project_ids)}
+        for ledger_id, *row in after:
+            _alert([tuple(row)], spent_delta=deltas[ledger_id][1], budgets=budgets)
+    for reservation, actual, usage in items:
+        if reservation.pk not in moved:
+            settle(reservation, actual=actual, usage=usage, now=now)
 
 
 def release(reservation: Reservation, *, now: datetime | None = None) -> Reservation:
@@ -356,6 +471,58 @@ def add_traced(cells: dict[tuple, int]) -> None:
     deltas = dict(rows_)
     for row in after:
         _alert([row], spent_delta=deltas[(row[0], _as_date(row[1]))], budgets=budgets)
+
+
+def repair_traced(project_id: int, *, since: date, until: date) -> int:
+    """Recount the traced spend (calls made without a reservation, as the priced spans now say) of every
+    period of the project's budgets that holds a day of ``since``..``until`` (the project's days), and
+    set each ledger row that differs. Returns how many it set. For ``costs_rederive``, after a price or
+    a time zone changed: the ledger rows are locked first, so a projection that commits meanwhile adds
+    its spend after the recount (run it again to confirm: it then sets none)."""
+    from .models import SpanCost
+
+    budgets = budgets_of([project_id])
+    if not budgets:
+        return 0
+    tz = budgets[0].project_tz
+    targets: set[tuple[int, date]] = set()
+    day = since
+    while day <= until:
+        for b in budgets:
+            for moment in (datetime.combine(day, time(0), tzinfo=tz), datetime.combine(day, time(23, 59), tzinfo=tz)):
+                targets.add((b.id, b.period_of(moment)))
+        day += timedelta(days=1)
+    by_id = {b.id: b for b in budgets}
+    # The project's days that any of those periods holds (a day either side: other time zones).
+    first = min(datetime.combine(start, time(0), tzinfo=by_id[i].tz).astimezone(tz).date() for i, start in targets)
+    last = max(resets_at(by_id[i].period, start, by_id[i].tz).astimezone(tz).date() for i, start in targets)
+    with transaction.atomic():
+        rows = {(r.budget_id, r.period_start): r for r in BudgetLedger.objects.select_for_update().filter(
+            budget_id__in=[i for i, _ in targets], period_start__in={s for _, s in targets}).order_by("id")}
+        counted: dict[tuple[int, date], int] = defaultdict(int)
+        cells = (SpanCost.objects.filter(project_id=project_id, reservation_id=0, day__gte=first - timedelta(days=1),
+                                         day__lte=last + timedelta(days=1), cost_nanos__gt=0)
+                 .values_list("day", "hour", "end_user", "agent_name", "api_key_id", "model")
+                 .annotate(total=Sum("cost_nanos")).order_by())
+        for day_, hour, end_user, agent, key, model, total in cells:
+            moment = datetime.combine(day_, time(hour), tzinfo=tz)
+            for b in budgets:
+                if matches(b, agent=agent, end_user=end_user, model=model, api_key_id=key):
+                    target = (b.id, b.period_of(moment))
+                    if target in targets:
+                        counted[target] += total
+        changed = 0
+        for target in sorted(targets):
+            row, want = rows.get(target), counted.get(target, 0)
+            if row is None and want:
+                b = by_id[target[0]]
+                BudgetLedger.objects.create(project_id=project_id, budget_id=b.id, period_start=target[1],
+                                            cap_nanos=b.cap_nanos, hard=b.hard, traced_nanos=want)
+                changed += 1
+            elif row is not None and row.traced_nanos != want:
+                BudgetLedger.objects.filter(pk=row.pk).update(traced_nanos=want)
+                changed += 1
+    return changed
 
 
 # --- thresholds -----------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 For a range of the project's days: every span that started in it is priced again from its effective
 form (span + late updates) and compared with its ``SpanCost`` row; then the rollups of those days
 are recomputed from the rows and compared with what is stored; then the cost of every run holding
-such a span. Each difference is repaired and counted. It reads the span table, so it is a repair
-tool (``manage.py costs_rederive``, the task after a time zone change), never on a read path.
+such a span; then the budgets' traced spend of every period holding those days
+(``ledger.repair_traced``). Each difference is repaired and counted. It reads the span table, so it
+is a repair tool (``manage.py costs_rederive``, the task after a time zone change), never on a read
+path.
 
 Each day is repaired in its own transaction. A projection that commits while a day is being
 repaired is seen by the next pass; run it again to confirm nothing is left (it then reports zeros).
@@ -21,6 +23,7 @@ from django.db.models import Sum
 from apps.projects.models import Project
 from apps.traces import services as traces
 
+from . import ledger
 from .models import CostDay, CostDayEndUser, CostDayUser, CostHour, SpanCost
 from .rollups import (
     _ROW_FIELDS,
@@ -50,6 +53,9 @@ def rederive(project: Project, *, since: date, until: date) -> dict[str, int]:
         with transaction.atomic():
             _rederive_day(project, day, report)
         day += timedelta(days=1)
+    ledger_rows = ledger.repair_traced(project.pk, since=since, until=until)
+    if ledger_rows:
+        report["budget_ledger_rows"] += ledger_rows
     return dict(report)
 
 

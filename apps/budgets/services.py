@@ -201,6 +201,21 @@ def reservation_settle(*, reservation: Reservation, cost_nanos: int | None = Non
     return ledger.settle(reservation, actual=cost_nanos, usage=usage, now=now)
 
 
+def reservations_settle(items: list[tuple[Reservation, int | None, dict | None]], *, now=None) -> None:
+    """``reservation_settle`` for several calls ((reservation, cost or None, usage) each) in the caller's
+    transaction: the ledger's rows they share are written once (``ledger.settle_many``)."""
+    now = now or timezone.now()
+    todo = []
+    for reservation, cost_nanos, usage in items:
+        if reservation.state == Reservation.State.SETTLED:
+            continue
+        if cost_nanos is None:
+            cost_nanos = price_call(project_id=reservation.project_id, model=reservation.model,
+                                    provider=reservation.provider, usage=usage or {}, when=reservation.created_at)
+        todo.append((reservation, reservation.estimate_nanos if cost_nanos is None else cost_nanos, usage))
+    ledger.settle_many(todo, now=now)
+
+
 def reservation_release(*, reservation: Reservation, now=None) -> Reservation:
     return ledger.release(reservation, now=now)
 

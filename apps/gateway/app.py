@@ -4,16 +4,21 @@
 Each call: ``calls.begin`` (the key, the upstreams serving the model, a reservation held for the
 call's upper bound; a refusal answers 402 before anything goes upstream) → forward to the first
 upstream, falling back to the next on a timeout, a 5xx or a connection error → answer the client →
-``calls.finish`` (settle what was used, or release; the run log's records). Plain ASGI rather than a
-Django view: no middleware chain or request object per call, one shared ``httpx.AsyncClient`` with
-pooled connections, and the two database steps each one hop to a worker thread.
+``calls.finish_many`` on one thread, many calls a commit (settle what was used, or release; the run
+log's records). Plain ASGI rather than a Django view: no middleware chain or request object per call,
+one shared ``httpx.AsyncClient`` with pooled connections, ``begin`` one hop to a database thread
+(reserving is one statement) and ``finish`` one hand-over to the finisher.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import itertools
 import json
 import logging
 import os
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -23,7 +28,7 @@ from typing import Any
 import httpx
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, connection
 from django.utils import timezone
 
 from apps.common.errors import RETRY_AFTER_SECONDS
@@ -38,18 +43,23 @@ Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
 _JSON = [(b"content-type", b"application/json")]
-_clients: dict[int, httpx.AsyncClient] = {}
+_clients: dict[int, tuple[list[httpx.AsyncClient], itertools.cycle]] = {}
 
 
 def client() -> httpx.AsyncClient:
-    """One pooled client per event loop (Daphne runs one)."""
+    """The next of a few pooled clients of this event loop (Daphne runs one), in turn. A few small pools
+    rather than one large one: httpcore's pool looks at every connection it holds for each request and
+    each answer, and at every pair of them when they are idle, so its cost grows with the square of its
+    size (one pool of 64 connections took most of the web process's CPU at 64 concurrent calls)."""
     loop = id(asyncio.get_running_loop())
     found = _clients.get(loop)
     if found is None:
-        limits = httpx.Limits(max_connections=settings.GATEWAY_MAX_CONNECTIONS,
-                              max_keepalive_connections=settings.GATEWAY_MAX_CONNECTIONS, keepalive_expiry=30)
-        found = _clients[loop] = httpx.AsyncClient(limits=limits, timeout=None, trust_env=False)
-    return found
+        shards = settings.GATEWAY_CLIENT_POOLS
+        per_pool = max(1, -(-settings.GATEWAY_MAX_CONNECTIONS // shards))
+        limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool, keepalive_expiry=30)
+        pools = [httpx.AsyncClient(limits=limits, timeout=None, trust_env=False) for _ in range(shards)]
+        found = _clients[loop] = (pools, itertools.cycle(pools))
+    return next(found[1])
 
 
 _executor: ThreadPoolExecutor | None = None
@@ -150,9 +160,77 @@ def _attempt(route) -> Attempt:
     return Attempt(route=route, span_id=uuid.uuid4().hex[:16], started_at=timezone.now())
 
 
-async def _finish(call: Call, attempts: list[Attempt], **kwargs) -> None:
+class _Finisher:
+    """One thread per process settles and records the finished calls, as many as are waiting in one
+    transaction (``calls.finish_many``): while it commits, the next calls gather, so that under load a
+    commit and an inbox batch serve many calls, and alone a call waits for nobody. A group that fails
+    is retried call by call, so one bad call fails only itself. The client has its answer already; a
+    call never finished (the process died) leaves its reservation held, and it expires charged in full.
+    """
+
+    MAX_CALLS = 100
+
+    def __init__(self) -> None:
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, done: calls.Finished) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((done, future))
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="gateway-finisher", daemon=True)
+                    self._thread.start()
+        return future
+
+    def stop(self) -> None:
+        """Finish what was handed over, then end the thread and close its connection (tests)."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(30)
+
+    def _run(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            while len(items) < self.MAX_CALLS and items[-1] is not None:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if items[-1] is None:
+                if items[:-1]:
+                    self._write(items[:-1])
+                connection.close()
+                return
+            self._write(items)
+
+    def _write(self, items: list) -> None:
+        try:
+            calls.finish_many([done for done, _ in items])
+        except Exception as exc:  # noqa: BLE001 - reported on each call's future
+            if len(items) > 1:
+                for item in items:
+                    self._write([item])
+                return
+            items[0][1].set_exception(exc)
+            return
+        for _, future in items:
+            future.set_result(None)
+
+
+_finisher = _Finisher()
+
+
+async def _finish(call: Call, attempts: list[Attempt], *, answered: Attempt | None, client_gone: bool = False) -> None:
     try:
-        await _db(calls.finish)(call, attempts, **kwargs)
+        await asyncio.wrap_future(_finisher.submit(calls.Finished(call, attempts, answered, client_gone)))
     except Exception:  # the client has its answer; an unsettled reservation expires charged in full
         logger.exception("gateway: could not settle and record the call of run %s", call.run_id)
 
@@ -235,9 +313,10 @@ async def _stream(call: Call, body: dict, receive: Receive, send: Send) -> None:
         attempts.append(a)
         started = time.perf_counter()
         try:
-            request = client().build_request("POST", f"{route.base_url}/chat/completions", content=upstream_body,
-                                             headers=_upstream_headers(route), timeout=_timeout(route))
-            resp = await client().send(request, stream=True)
+            http = client()
+            request = http.build_request("POST", f"{route.base_url}/chat/completions", content=upstream_body,
+                                         headers=_upstream_headers(route), timeout=_timeout(route))
+            resp = await http.send(request, stream=True)
         except httpx.TimeoutException as exc:
             _fail(a, "upstream_timeout", f"{route.name}: no answer in {route.timeout_seconds} s ({type(exc).__name__})")
             continue

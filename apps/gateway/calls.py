@@ -7,6 +7,7 @@ projected like any other trace, carrying ``controlplane.reservation_id`` so that
 once (the settle already charged it to the budgets)."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -234,29 +235,69 @@ def usage_of(a: Attempt, call: Call) -> dict:
     return {"input_tokens": call.input_bound, "output_tokens": a.counted_output_tokens}
 
 
+@dataclass
+class Finished:
+    """A call whose answer the client has: what ``finish_many`` settles and records."""
+
+    call: Call
+    attempts: list[Attempt]
+    answered: Attempt | None
+    client_gone: bool = False
+
+
 def finish(call: Call, attempts: list[Attempt], *, answered: Attempt | None, client_gone: bool = False) -> None:
     """Settle the reservation with what the answering attempt used (or release it: nothing answered),
     then hand the run log one batch: the run (when the gateway started it), a span per attempt."""
+    finish_many([Finished(call, attempts, answered, client_gone)])
+
+
+def finish_many(done: list[Finished]) -> None:
+    """``finish`` for several calls in one transaction (group commit): one commit for all of them and
+    one inbox batch per key. Any fault fails them all (the caller retries them one by one)."""
+    connection.close_if_unusable_or_obsolete()  # a long-lived thread: past CONN_MAX_AGE, a fresh connection
+    # What a settle changes on the reservation objects is undone with the transaction, so that a retry
+    # (call by call) settles them again instead of taking them for settled.
+    saved = [(d.call, copy.copy(d.call.reservation)) for d in done]
     try:
-        with transaction.atomic():  # the settle and the record: one commit
-            _finish(call, attempts, answered, client_gone)
-    except DatabaseError:
-        connection.close_if_unusable_or_obsolete()
+        with transaction.atomic():  # the records and the settles: one commit
+            now = timezone.now()
+            by_key: dict[int, tuple[ApiKey, list[dict]]] = {}
+            for d in done:
+                recs = _records(d.call, d.attempts, d.answered, d.client_gone, now)
+                by_key.setdefault(d.call.key.pk, (d.call.key, []))[1].extend(recs)
+            for key, recs in by_key.values():
+                traces.batch_accept(project=key.project, api_key=key, source="gateway", response={},
+                                    records=recs, item_count=len(recs))
+            # The ledger's rows last: their locks (which the next reservations wait on) are held from
+            # here to the commit only, not through the inbox's writes.
+            settles = []
+            for d in done:
+                if d.answered is None:
+                    budgets.reservation_release(reservation=d.call.reservation, now=now)
+                else:
+                    settles.append((d.call.reservation, _cost(d.call, d.answered), d.answered.usage))
+            budgets.reservations_settle(settles, now=now)
+    except BaseException as exc:
+        for call, reservation in saved:
+            call.reservation = reservation
+        if isinstance(exc, DatabaseError):
+            connection.close_if_unusable_or_obsolete()
         raise
 
 
-def _finish(call: Call, attempts: list[Attempt], answered: Attempt | None, client_gone: bool) -> None:
-    now = timezone.now()
-    if answered is not None:
-        usage = usage_of(answered, call)
-        if not answered.usage:
-            answered.usage = usage
-            answered.extra["controlplane.gateway.usage"] = "counted"
-        cost = budgets.price_call(project_id=call.key.project_id, model=call.model,
-                                  provider=answered.route.provider, usage=usage, when=call.started_at)
-        budgets.reservation_settle(reservation=call.reservation, cost_nanos=cost, usage=usage, now=now)
-    else:
-        budgets.reservation_release(reservation=call.reservation, now=now)
+def _cost(call: Call, answered: Attempt) -> int | None:
+    """What the answering attempt's usage (``_records`` has read it) cost, or None: no price known."""
+    return budgets.price_call(project_id=call.key.project_id, model=call.model, provider=answered.route.provider,
+                              usage=answered.usage, when=call.started_at)
+
+
+def _records(call: Call, attempts: list[Attempt], answered: Attempt | None, client_gone: bool,
+             now: datetime) -> list[dict]:
+    """The run log's records of the call (the answering attempt's usage read first: its span and its
+    settle carry the same)."""
+    if answered is not None and not answered.usage:
+        answered.usage = usage_of(answered, call)
+        answered.extra["controlplane.gateway.usage"] = "counted"
     recs: list[dict] = []
     if call.new_run:
         recs.append({"op": "run.start", "run_id": call.run_id, "agent_name": call.agent, "end_user": call.end_user,
@@ -277,5 +318,4 @@ def _finish(call: Call, attempts: list[Attempt], answered: Attempt | None, clien
         recs.append(finish_rec)
     for i, rec in enumerate(recs):
         records.validate_record(rec, f"records[{i}]")
-    traces.batch_accept(project=call.key.project, api_key=call.key, source="gateway", response={},
-                        records=recs, item_count=len(recs))
+    return recs

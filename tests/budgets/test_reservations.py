@@ -4,16 +4,18 @@ periods that begin at the budget's own midnight."""
 from __future__ import annotations
 
 import json
+import os
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pytest
 from django.core import mail
+from django.core.management import call_command
 
 from apps.audit.models import AuditEvent
 from apps.budgets import ledger, notify, services
-from apps.budgets.models import Budget, BudgetAlert, BudgetLedger, Reservation
+from apps.budgets.models import Budget, BudgetAlert, BudgetLedger, PriceOverride, Reservation
 from apps.budgets.tasks import budget_alert_notify
 from apps.projects import services as project_services
 from tests.traces.helpers import drain
@@ -290,3 +292,30 @@ def test_a_crossed_threshold_is_sent_signed_to_the_project_s_webhook_and_by_emai
     [email] = mail.outbox
     assert "80%" in email.subject
     assert Decimal(payload["cap_usd"]) == 1
+
+
+def test_costs_rederive_recounts_the_traced_spend_of_the_ledgers_after_a_price_is_added(project, alice, agent):
+    b = budget(project, alice, cap_nanos=1 * USD, scope="agent", value="support")
+    month = budget(project, alice, name="monthly", cap_nanos=10 * USD, period="month")
+    now = datetime.now(ZoneInfo("UTC")).isoformat()
+    assert post(agent, "/api/v1/runs", {"run_id": "unpriced", "agent": {"name": "support"},
+                                        "started_at": now}).status_code == 202
+    assert post(agent, "/api/v1/runs/unpriced/spans", [
+        {"span_id": "c1", "kind": "llm", "provider": "acme", "model": "acme-7b", "start_time": now, "end_time": now,
+         "usage": {"input_tokens": 100_000, "output_tokens": 10_000}},
+        {"span_id": "c2", "kind": "llm", "provider": "openai", "model": "gpt-4o", "start_time": now, "end_time": now,
+         "cost_usd": "0.10", "attributes": {"controlplane.reservation_id": 777}},  # the settle's: not traced
+    ]).status_code == 202
+    drain()
+    assert not BudgetLedger.objects.filter(budget=b).exists()  # unpriced: nothing counted yet
+    # A price for acme-7b: $2 in, $10 out per million tokens -> $0.20 + $0.10.
+    PriceOverride.objects.create(project=project, provider="acme", model_pattern="acme-7b",
+                                 effective_from=date(2026, 1, 1), input_per_mtok=Decimal(2), output_per_mtok=Decimal(10))
+    services.forget_prices(project.pk)  # created without the service: this process reads prices afresh
+    call_command("costs_rederive", "--project", project.slug, "--days", "2", stdout=open(os.devnull, "w"))
+    assert ledger_of(b).traced_nanos == 300_000_000
+    assert ledger_of(month).traced_nanos == 300_000_000
+    r = reserve(agent, estimated_cost_usd="0.75", agent="support")
+    assert r.status_code == 402 and r.json()["details"]["budget"]["spent_usd"] == "0.300000000"
+    # Run again: nothing left to repair.
+    assert ledger.repair_traced(project.pk, since=date.today() - timedelta(days=1), until=date.today()) == 0
