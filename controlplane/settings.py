@@ -56,6 +56,7 @@ INSTALLED_APPS = [
     "apps.projects",
     "apps.traces",
     "apps.budgets",
+    "apps.approvals",
     "apps.gateway",
     "apps.ingest",
     "apps.dashboard",  # the audit UI: pages and live consumers, no models
@@ -327,6 +328,17 @@ EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.Emai
 EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
 EMAIL_PORT = env_int("EMAIL_PORT", 25, minimum=1)
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "controlplane@localhost")
+
+# --- Approvals -------------------------------------------------------------------------------------
+# The beat expires approvals past their deadline and reminds about overdue ones every
+# APPROVALS_SWEEP_SECONDS. A consume answers with a grant valid APPROVALS_GRANT_SECONDS. An agent's
+# long-poll waits at most APPROVALS_MAX_WAIT_SECONDS (then asks again on the same approval).
+APPROVALS_SWEEP_SECONDS = env_int("APPROVALS_SWEEP_SECONDS", 15, minimum=1)
+APPROVALS_GRANT_SECONDS = env_int("APPROVALS_GRANT_SECONDS", 300, minimum=1)
+APPROVALS_MAX_WAIT_SECONDS = 30
+CELERY_BEAT_SCHEDULE["approvals-sweep"] = {"task": "approvals.sweep", "schedule": APPROVALS_SWEEP_SECONDS}
+# Where people open the product (links in emails).
+SITE_URL = env_str("SITE_URL", "http://127.0.0.1:8000")
 
 # --- Budgets (caps) --------------------------------------------------------------------------------
 # A reservation not settled within its time to live (the request's ttl_seconds, else this) is charged

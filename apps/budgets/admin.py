@@ -6,7 +6,7 @@ from __future__ import annotations
 from django import forms
 from django.contrib import admin
 
-from apps.projects.admin import EditedByProjectAdmins, ScopedAdminMixin, VisibleProjectFilter
+from apps.projects.admin import EditedByProjectAdmins, ReadOnlyForRoles, VisibleProjectFilter
 
 from . import services
 from .models import (
@@ -69,28 +69,8 @@ class CostSettingsAdmin(EditedByProjectAdmins):
         return False
 
 
-class ReadOnlyCosts(ScopedAdminMixin, admin.ModelAdmin):
-    """Derived from the run log: read-only for everyone, visible to every role."""
-
-    view_by_role = True
-    list_per_page = 100
-    show_full_result_count = False
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
-    def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in self.model._meta.fields]
-
-
 @admin.register(SpanCost)
-class SpanCostAdmin(ReadOnlyCosts):
+class SpanCostAdmin(ReadOnlyForRoles):
     list_display = ("day", "project", "run", "span_id", "model", "provider", "source", "cost_usd", "disagreement",
                     "price_ref")
     list_filter = (VisibleProjectFilter, "source", "disagreement")
@@ -99,7 +79,7 @@ class SpanCostAdmin(ReadOnlyCosts):
 
 
 @admin.register(CostDay)
-class CostDayAdmin(ReadOnlyCosts):
+class CostDayAdmin(ReadOnlyForRoles):
     list_display = ("day", "project", "agent_name", "agent_version", "model", "provider", "cost_usd", "calls",
                     "unpriced_calls")
     list_filter = (VisibleProjectFilter,)
@@ -109,7 +89,7 @@ class CostDayAdmin(ReadOnlyCosts):
 
 
 @admin.register(CostSpike)
-class CostSpikeAdmin(ReadOnlyCosts):
+class CostSpikeAdmin(ReadOnlyForRoles):
     list_display = ("detected_at", "project", "period", "day", "hour", "scope", "value", "spend_usd",
                     "baseline_usd", "factor", "webhook_status", "email_status")
     list_filter = (VisibleProjectFilter, "period", "scope")
@@ -158,7 +138,7 @@ class BudgetAdmin(EditedByProjectAdmins):
 
 
 @admin.register(BudgetLedger)
-class BudgetLedgerAdmin(ReadOnlyCosts):
+class BudgetLedgerAdmin(ReadOnlyForRoles):
     list_display = ("period_start", "project", "budget", "cap_nanos", "charged_nanos", "traced_nanos", "held_nanos",
                     "reservations")
     list_filter = (VisibleProjectFilter,)
@@ -166,7 +146,7 @@ class BudgetLedgerAdmin(ReadOnlyCosts):
 
 
 @admin.register(Reservation)
-class ReservationAdmin(ReadOnlyCosts):
+class ReservationAdmin(ReadOnlyForRoles):
     list_display = ("created_at", "project", "state", "agent_name", "end_user", "model", "run_id", "estimate_nanos",
                     "charged_nanos", "refused_by")
     list_filter = (VisibleProjectFilter, "state")
@@ -175,7 +155,7 @@ class ReservationAdmin(ReadOnlyCosts):
 
 
 @admin.register(BudgetAlert)
-class BudgetAlertAdmin(ReadOnlyCosts):
+class BudgetAlertAdmin(ReadOnlyForRoles):
     list_display = ("created_at", "project", "budget", "period_start", "threshold", "spent_nanos", "cap_nanos",
                     "webhook_status", "email_status")
     list_filter = (VisibleProjectFilter,)

@@ -9,7 +9,7 @@ from rest_framework import status
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 
-from apps.common.api import ERROR_RESPONSES, query_params
+from apps.common.api import ERROR_RESPONSES, invalid, query_params
 from apps.common.errors import ApiError, ErrorCode
 from apps.projects.permissions import PersonOnly, ProjectScopedAPIView, is_agent, project_param, require_scope
 
@@ -29,13 +29,6 @@ from .serializers import (
     SpikeOut,
     UnpricedOut,
 )
-
-
-def _invalid(exc: ValidationError) -> ApiError:
-    errors = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
-    field = next(iter(errors))
-    return ApiError(ErrorCode.INVALID_REQUEST, f"{field}: {errors[field][0]}", details={"field": field,
-                                                                                        "fields": errors})
 
 
 def _usd(value) -> str:
@@ -116,7 +109,7 @@ class PriceOverrideListView(ProjectScopedAPIView):
         try:
             override = services.price_override_create(project=project, actor=request.user, **ser.validated_data)
         except ValidationError as exc:
-            raise _invalid(exc) from None
+            raise invalid(exc) from None
         return Response(PriceOverrideSerializer(override).data, status=status.HTTP_201_CREATED)
 
 
@@ -137,7 +130,7 @@ class PriceOverrideDetailView(ProjectScopedAPIView):
         try:
             override = services.price_override_update(override=override, actor=request.user, **ser.validated_data)
         except ValidationError as exc:
-            raise _invalid(exc) from None
+            raise invalid(exc) from None
         return Response(PriceOverrideSerializer(override).data)
 
     @extend_schema(summary="Remove a price override (project admins; audited)", responses={204: None,
@@ -165,7 +158,7 @@ class CostSettingsView(ProjectScopedAPIView):
         try:
             cfg = services.cost_settings_update(project=project, actor=request.user, **ser.validated_data)
         except ValidationError as exc:
-            raise _invalid(exc) from None
+            raise invalid(exc) from None
         return Response(CostSettingsSerializer(cfg).data)
 
 
@@ -192,7 +185,7 @@ class BudgetListView(ProjectScopedAPIView):
         try:
             budget = services.budget_create(project=project, actor=request.user, **ser.validated_data)
         except ValidationError as exc:
-            raise _invalid(exc) from None
+            raise invalid(exc) from None
         return Response(BudgetSerializer(budget, context={"current": selectors.budgets_current([budget])}).data,
                         status=status.HTTP_201_CREATED)
 
@@ -220,7 +213,7 @@ class BudgetDetailView(ProjectScopedAPIView):
         try:
             budget = services.budget_update(budget=budget, actor=request.user, **ser.validated_data)
         except ValidationError as exc:
-            raise _invalid(exc) from None
+            raise invalid(exc) from None
         return Response(BudgetSerializer(budget, context={"current": selectors.budgets_current([budget])}).data)
 
     @extend_schema(summary="Remove a budget (project admins; audited)", responses={204: None, **ERROR_RESPONSES})

@@ -1,5 +1,6 @@
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from drf_spectacular.utils import OpenApiResponse
 
 from .errors import ApiError, ErrorCode, ErrorSerializer
@@ -23,3 +24,12 @@ def query_params(serializer_class, request) -> dict[str, Any]:
         raise ApiError(ErrorCode.INVALID_REQUEST, f"{field}: {message}",
                        details={"field": field, "fields": params.errors})
     return params.validated_data
+
+
+def invalid(exc: ValidationError) -> ApiError:
+    """A model's or a service's ValidationError as the API's 400: the first field at fault named in
+    ``details.field``, all of them in ``details.fields``."""
+    errors = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
+    field = next(iter(errors))
+    return ApiError(ErrorCode.INVALID_REQUEST, f"{field}: {errors[field][0]}", details={"field": field,
+                                                                                        "fields": errors})

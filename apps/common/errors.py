@@ -49,6 +49,11 @@ class ErrorCode(models.TextChoices):
     BUDGET_EXCEEDED = "budget_exceeded"
     MODEL_UNPRICED = "model_unpriced"
     RESERVATION_CLOSED = "reservation_closed"
+    APPROVAL_CLOSED = "approval_closed"
+    APPROVAL_EXPIRED = "approval_expired"
+    ACTION_MISMATCH = "action_mismatch"
+    SELF_APPROVAL = "self_approval"
+    ALREADY_DECIDED = "already_decided"
     INTERNAL_ERROR = "internal_error"
 
 

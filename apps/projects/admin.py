@@ -263,3 +263,24 @@ class RoleGroupAdmin(GroupAdmin):
 
 admin.site.unregister(Group)
 admin.site.register(Group, RoleGroupAdmin)
+
+
+class ReadOnlyForRoles(ScopedAdminMixin, admin.ModelAdmin):
+    """Rows people never edit in the admin (derived from the run log, per-call rows, decisions made
+    elsewhere): read-only for everyone, visible to every role of the row's project."""
+
+    view_by_role = True
+    list_per_page = 100
+    show_full_result_count = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in self.model._meta.fields]

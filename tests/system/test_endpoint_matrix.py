@@ -24,6 +24,8 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from apps.approvals import services as approval_services
+from apps.approvals.models import Approval
 from apps.audit.models import AuditEvent
 from apps.budgets import services as budget_services
 from apps.budgets.models import CostSettings, CostSpike, PriceOverride, Reservation
@@ -49,6 +51,8 @@ PERSON_READ = "person read"      # one project's object, people with a role only
 PERSON_WRITE = "person write"    # people holding project permission `perm` (keys: person_only; others: 403/404)
 PERSON_CREATE = "person create"  # people holding model permission `perm` (keys need `scope`, then person_only)
 KEY_WRITE = "key write"          # API keys with `scope`; the key decides the project (people: `person`)
+KEY_QUERY = "key query"          # API keys with `scope` ask about their own project, changing nothing (people:
+                                 # `person`)
 KEY_ACTION = "key action"        # API keys with `scope` on their own project's object (others' keys: 404; people:
                                  # `person`)
 # The product's pages (session sign-in; an API key is not a person there: sent to the login page).
@@ -162,6 +166,33 @@ MATRIX: dict[tuple[str, str], Endpoint] = {
         KEY_ACTION, "api/v1/budget/reservations/{reservation_id}/settle", scope="budget", body={"cost_usd": "0.01"}),
     ("POST", "api/v1/budget/reservations/<int:reservation_id>/release"): Endpoint(
         KEY_ACTION, "api/v1/budget/reservations/{reservation_id}/release", scope="budget"),
+    # approvals: rules by project admins; requests, consumes and cancels by agent keys; decisions by people
+    ("GET", f"{PROJECT}/approval-rules"): Endpoint(READ, "api/v1/projects/{slug}/approval-rules", scope="read"),
+    ("POST", f"{PROJECT}/approval-rules"): Endpoint(PERSON_WRITE, "api/v1/projects/{slug}/approval-rules",
+                                                    perm="change_project", body={"name": "new", "quorum": 2}),
+    ("GET", f"{PROJECT}/approval-rules/<int:rule_id>"): Endpoint(
+        READ, "api/v1/projects/{slug}/approval-rules/{rule_id}", scope="read"),
+    ("PATCH", f"{PROJECT}/approval-rules/<int:rule_id>"): Endpoint(
+        PERSON_WRITE, "api/v1/projects/{slug}/approval-rules/{rule_id}", perm="change_project", body={"quorum": 3}),
+    ("DELETE", f"{PROJECT}/approval-rules/<int:rule_id>"): Endpoint(
+        PERSON_WRITE, "api/v1/projects/{slug}/approval-rules/{rule_id}", perm="change_project"),
+    ("POST", "api/v1/approvals/check"): Endpoint(KEY_QUERY, "api/v1/approvals/check", scope="approvals",
+                                                 body={"action": "payments.refund"}),
+    ("GET", "api/v1/approvals"): Endpoint(LIST, "api/v1/approvals", scope="approvals", marker="{approval_id}"),
+    ("POST", "api/v1/approvals"): Endpoint(KEY_WRITE, "api/v1/approvals", scope="approvals",
+                                           body={"action": "send_email", "arguments": {"to": "someone"}},
+                                           rows=lambda p: Approval.objects.filter(project=p).count()),
+    ("GET", "api/v1/approvals/<str:approval_id>"): Endpoint(READ, "api/v1/approvals/{approval_id}",
+                                                            scope="approvals"),
+    ("POST", "api/v1/approvals/<str:approval_id>/approve"): Endpoint(
+        PERSON_WRITE, "api/v1/approvals/{approval_id}/approve", perm="approve_project", body={"reason": "fine"}),
+    ("POST", "api/v1/approvals/<str:approval_id>/reject"): Endpoint(
+        PERSON_WRITE, "api/v1/approvals/{approval_id}/reject", perm="approve_project", body={"reason": "no"}),
+    ("POST", "api/v1/approvals/<str:approval_id>/consume"): Endpoint(
+        KEY_ACTION, "api/v1/approvals/{approved_id}/consume", scope="approvals",
+        body={"action": "matrix.action", "arguments": {"n": 1}}),
+    ("POST", "api/v1/approvals/<str:approval_id>/cancel"): Endpoint(
+        KEY_ACTION, "api/v1/approvals/{approval_id}/cancel", scope="approvals"),
     # OTLP/HTTP: keys only (a person's session is not read there: 401)
     ("POST", "v1/traces"): Endpoint(KEY_WRITE, "v1/traces", scope="ingest", body=_otlp_traces(),
                                     person=(401, "not_authenticated")),
@@ -281,6 +312,17 @@ def world(project, other_project, alice, bob, charlie, make_key, key_client, cli
                                          base_url="http://127.0.0.1:9/v1", model_names=["gpt-4o"])
     held = budget_services.reservation_create(project_id=project.pk, api_key_id=acme_key.pk,
                                               estimated_nanos=10**7).reservation
+    rules, pending, approved = {}, {}, {}
+    for p in (project, other_project):  # a rule, a pending and an approved approval each
+        rules[p.slug] = approval_services.rule_create(project=p, actor=None, name=f"{p.slug}-rule",
+                                                      action_pattern="payments.*")
+        key_row = type(acme_key).objects.get(project=p, name=f"{p.slug}-all")
+        pending[p.slug] = approval_services.approval_request(key=key_row, action="payments.refund",
+                                                             arguments={"order": 1}).approval
+        approved[p.slug] = approval_services.approval_request(key=key_row, action="matrix.action",
+                                                              arguments={"n": 1}).approval
+        approval_services.decide(approval=approved[p.slug], user=django_user_model.objects.create_superuser(
+            f"{p.slug}-approver", password="pw"), outcome="approve")
 
     def key(scopes, proj=None) -> APIClient:
         return key_client(make_key(proj or project, scopes=list(scopes), name="probe")[1])
@@ -292,7 +334,8 @@ def world(project, other_project, alice, bob, charlie, make_key, key_client, cli
         values={"slug": "acme", "key_id": acme_key.pk, "run_id": "acme-run-1", "span_id": "acme-span-1",
                 "tool_span_id": "acme-tool-1", "session_id": "acme-session",
                 "override_id": overrides["acme"].pk, "budget_id": budgets["acme"].pk,
-                "reservation_id": held.pk})
+                "reservation_id": held.pk, "rule_id": rules["acme"].pk,
+                "approval_id": pending["acme"].public_id, "approved_id": approved["acme"].public_id})
 
 
 def _call(client, method: str, e: Endpoint, world):
@@ -537,6 +580,8 @@ CHECKS = {
                     a_person_without_the_permission_gets_403_permission_denied, a_person_with_the_permission_may],
     KEY_WRITE: [no_credentials_401, a_person_is_refused, a_key_without_the_scope_writes_nothing,
                 another_projects_key_writes_into_its_own_project, a_key_with_the_scope_writes_into_its_project],
+    KEY_QUERY: [no_credentials_401, a_person_is_refused, a_key_without_the_scope_gets_403_missing_scope,
+                a_key_with_the_scope_acts],
     KEY_ACTION: [no_credentials_401, a_person_is_refused, a_key_without_the_scope_gets_403_missing_scope,
                  another_projects_key_gets_404, a_key_with_the_scope_acts],
 }
@@ -585,6 +630,10 @@ ADMIN_MATRIX: dict[str, AdminEntry] = {
     "budgets.BudgetLedger": RUN_LOG,
     "budgets.Reservation": RUN_LOG,
     "budgets.BudgetAlert": RUN_LOG,
+    # approvals: rules edited by project admins; requests and decisions read-only (decided on the page, the API)
+    "approvals.ApprovalRule": AdminEntry(scoped=True, view_by_role=True),
+    "approvals.Approval": RUN_LOG,
+    "approvals.Decision": RUN_LOG,
     # the gateway's upstreams: edited by project admins (the gateway's own endpoints: tests/gateway/)
     "gateway.Upstream": AdminEntry(scoped=True, view_by_role=True),
 }
