@@ -55,7 +55,7 @@ def notify(self, approval_pk: int, event: str) -> None:
             send_mail(f"[controlplane] {approval.project.slug}: {approval.action} {what}",
                       f"{approval.summary or approval.action}\n\nRequested {approval.created_at:%Y-%m-%d %H:%M} UTC "
                       f"by {approval.agent_name or 'an agent'}{' for ' + approval.end_user if approval.end_user else ''}."
-                      f"\nApproval {approval.public_id}: {settings.SITE_URL}/approvals/{approval.public_id}/",
+                      f"\nApproval {approval.public_id}: {settings.SITE_URL}/approvals/{approval.project.slug}/{approval.public_id}/",
                       settings.DEFAULT_FROM_EMAIL, approval.rule.notify_emails, fail_silently=False)
         except OSError as exc:
             logger.warning("approvals: email for %s failed: %s", approval.public_id, exc)

@@ -14,6 +14,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.http import Http404, QueryDict
 from django.template.loader import render_to_string
 
+from apps.approvals import live as approvals_live
 from apps.budgets import live as budgets_live
 from apps.projects.access import ProjectAccess, project_access
 from apps.projects.models import SLUG_RE, Project
@@ -72,6 +73,16 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
     def query(self) -> QueryDict:
         return QueryDict(self.scope.get("query_string", b"").decode("latin-1"))
 
+    def narrowed_access(self) -> ProjectAccess | None:
+        """The person's access, narrowed to ``?project=`` when given (None: not a project slug)."""
+        access = self.access()
+        slug = self.query().get("project")
+        if slug:
+            if not SLUG_RE.fullmatch(slug):
+                return None
+            access = access.in_project(slug)
+        return access
+
     def project_ids(self, access: ProjectAccess) -> list[int]:
         ids = Project.objects.visible_to(access).values_list("pk", flat=True) if access.everything else access.roles
         return sorted(ids)
@@ -114,26 +125,44 @@ class RunListConsumer(LiveConsumer):
 
 
 class OverviewConsumer(LiveConsumer):
-    """``/ws/overview/?project=``: a nudge (``changed``) whenever a visible run moves or a budget crosses a
-    threshold; the page re-reads
-    its tiles (debounced on the page, so a burst of runs costs one re-read)."""
+    """``/ws/overview/?project=``: a nudge (``changed``) whenever a visible run moves, a budget crosses a
+    threshold or an approval is asked for or decided; the page re-reads its tiles (debounced on the page, so a burst of runs costs one re-read)."""
 
     def subscribe(self):
-        access = self.access()
-        slug = self.query().get("project")
-        if slug:
-            if not SLUG_RE.fullmatch(slug):
-                return None
-            access = access.in_project(slug)
+        access = self.narrowed_access()
+        if access is None:
+            return None
         ids = self.project_ids(access)
         return ([traces.project_runs_group(pid) for pid in ids]
-                + [budgets_live.project_alerts_group(pid) for pid in ids])
+                + [budgets_live.project_alerts_group(pid) for pid in ids]
+                + [approvals_live.project_group(pid) for pid in ids])
 
     def message(self, event):
         return {"type": "changed"} if _sees(self.access(), event["project_id"]) else None
 
     async def budget_alert(self, event):
         """A budget crossed a threshold: the tiles are re-read as for a run."""
+        await self.run_updated(event)
+
+    async def approval_changed(self, event):
+        """An approval was asked for or decided: the pending-approvals tile is re-read with the others."""
+        await self.run_updated(event)
+
+
+class InboxConsumer(LiveConsumer):
+    """``/ws/inbox/?project=``: a nudge whenever an approval of a visible project is asked for, decided,
+    consumed, cancelled or expired; the inbox re-reads its pending list."""
+
+    def subscribe(self):
+        access = self.narrowed_access()
+        if access is None:
+            return None
+        return [approvals_live.project_group(pid) for pid in self.project_ids(access)]
+
+    def message(self, event):
+        return {"type": "changed", "approval": event["state"]} if _sees(self.access(), event["project_id"]) else None
+
+    async def approval_changed(self, event):
         await self.run_updated(event)
 
 

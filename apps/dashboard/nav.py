@@ -17,5 +17,6 @@ NAV: list[NavEntry] = [
     NavEntry("runs", "Runs", "dashboard:runs"),
     NavEntry("agents", "Agents", "dashboard:agents"),
     NavEntry("costs", "Costs", "dashboard:costs"),
+    NavEntry("approvals", "Approvals", "dashboard:approvals"),
     NavEntry("audit", "Audit log", "dashboard:audit"),
 ]

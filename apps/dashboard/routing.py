@@ -8,4 +8,5 @@ websocket_urlpatterns = [
     path("ws/overview/", consumers.OverviewConsumer.as_asgi()),
     path("ws/runs/", consumers.RunListConsumer.as_asgi()),
     path("ws/runs/<slug:project>/<str:run_id>/", consumers.RunConsumer.as_asgi()),
+    path("ws/inbox/", consumers.InboxConsumer.as_asgi()),
 ]

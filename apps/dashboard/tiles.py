@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from django.utils import timezone
 
+from apps.approvals import selectors as approvals
 from apps.budgets import selectors as budgets
 from apps.traces import selectors as traces
 
@@ -70,10 +71,21 @@ def _budgets(access, project_slug):
                                                    since=timezone.now() - timedelta(days=1), limit=TILE_ROWS)}
 
 
+def _approvals(access, project_slug):
+    """What waits for a decision: how many, the oldest, how many are overdue; the longest waiting."""
+    summary = approvals.pending_summary(principal=access, project_slug=project_slug)
+    oldest = approvals.pending(principal=access, project_slug=project_slug, limit=TILE_ROWS) if summary["count"] else []
+    now = timezone.now()
+    return {"approvals": summary, "approvals_oldest": [
+        {"a": a, "age_ms": (now - a.created_at).total_seconds() * 1000,
+         "overdue": a.overdue_at is not None and a.overdue_at <= now} for a in oldest]}
+
+
 TILES: list[Tile] = [
     Tile("runs", "dashboard/tiles/runs.html", _runs),
     Tile("spend", "dashboard/tiles/spend.html", _spend),
     Tile("budgets", "dashboard/tiles/budgets.html", _budgets),
+    Tile("approvals", "dashboard/tiles/approvals.html", _approvals),
     Tile("spikes", "dashboard/tiles/spikes.html", _spikes),
     Tile("unpriced", "dashboard/tiles/unpriced.html", _unpriced),
 ]

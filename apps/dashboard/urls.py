@@ -1,7 +1,7 @@
 """The product's pages (``/``): each route is a thin view over another app's selectors."""
 from django.urls import path
 
-from .views import agents, audit, auth, costs, overview, runs, sessions
+from .views import agents, approvals, audit, auth, costs, overview, runs, sessions
 
 app_name = "dashboard"
 
@@ -20,6 +20,9 @@ urlpatterns = [
     path("sessions/<slug:project>/<path:session_id>/", sessions.SessionPage.as_view(), name="session"),
     # costs page
     path("costs/", costs.CostsPage.as_view(), name="costs"),
+    # approvals: the inbox and one approval
+    path("approvals/", approvals.ApprovalInboxPage.as_view(), name="approvals"),
+    path("approvals/<slug:project>/<str:approval_id>/", approvals.ApprovalPage.as_view(), name="approval"),
     # audit log page
     path("audit/", audit.AuditLogPage.as_view(), name="audit"),
     path("audit/export.<str:fmt>", audit.AuditExport.as_view(), name="audit-export"),

@@ -427,3 +427,58 @@ def test_a_budget_crossing_a_threshold_shows_live_on_the_overview_and_on_the_cos
     assert states == ["settled", "refused"]
     assert "budget “browser-daily”" in page.locator("[data-run=reservations] tr[data-state=refused]").inner_text()
     shoot(page, "run-reservations")
+
+
+SETUP_APPROVER = """
+from django.contrib.auth import get_user_model
+from apps.projects import services
+from apps.projects.models import Project, Role
+user = get_user_model().objects.create_user("approver", password="pw-approver-123")
+services.role_grant(project=Project.objects.get(slug="demo"), user=user, role=Role.APPROVER, actor=None)
+"""
+
+
+def test_a_request_appears_in_the_open_inbox_is_approved_and_the_agents_wait_ends(server, browser):
+    import threading
+
+    server.manage("shell", "-c", SETUP_APPROVER)
+    agent_key = server.manage("create_api_key", "--project", "demo", "--scopes", "approvals,ingest").strip()
+    headers = {"Authorization": f"Bearer {agent_key}", "Content-Type": "application/json"}
+    page = sign_in(browser, server, user="approver")
+    page.goto(f"{server.base}/approvals/")
+    live_ready(page)
+
+    sent = time.monotonic()
+    status, body, _ = http.request("POST", f"{server.base}/api/v1/approvals", headers=headers, timeout=20, data=json.dumps({
+        "action": "payments.refund", "arguments": {"order": 1234, "amount": 120}, "summary": "Refund order 1234",
+        "agent": "billing-bot", "end_user": "customer-42"}).encode())
+    assert status == 201, body
+    approval_id = json.loads(body)["id"]
+    row = f"[data-approvals=pending] [data-approval={approval_id}]"
+    page.wait_for_selector(row, timeout=LIVE_WITHIN_MS + 3000)  # no reload: pushed by the inbox's channel
+    elapsed_ms = (time.monotonic() - sent) * 1000
+    assert elapsed_ms < LIVE_WITHIN_MS, f"the request appeared after {elapsed_ms:.0f} ms"
+
+    waited: dict = {}
+
+    def wait():
+        waited["status"], raw, _ = http.request("GET", f"{server.base}/api/v1/approvals/{approval_id}?wait=30",
+                                                headers=headers, timeout=40)
+        waited["body"] = json.loads(raw)
+
+    agent = threading.Thread(target=wait)
+    agent.start()
+    time.sleep(0.5)
+    assert agent.is_alive()  # the agent waits
+    shoot(page, "approvals")
+    page.fill(f"{row} input[name=reason]", "order checked")
+    page.click(f"{row} button[data-decide=approve]")
+    page.wait_for_selector(f"[data-decide-for={approval_id}][data-decided=approved]", timeout=10_000)
+    agent.join(timeout=15)
+    assert waited["status"] == 200 and waited["body"]["state"] == "approved"
+    assert waited["body"]["decisions"][0] == {**waited["body"]["decisions"][0], "decider": "approver",
+                                              "reason": "order checked"}
+    page.wait_for_selector(f"{row}", state="detached", timeout=LIVE_WITHIN_MS + 3000)  # no longer pending
+    page.goto(f"{server.base}/approvals/demo/{approval_id}/")
+    assert page.locator("[data-field=state]").inner_text().startswith("approved")
+    shoot(page, "approval")

@@ -191,9 +191,10 @@ def test_pages_ask_a_fixed_number_of_queries(client, bob, project, make_key, dja
         assert client.get("/runs/").status_code == 200
     with django_assert_max_num_queries(8):
         assert client.get("/runs/?agent=support-bot&status=completed&meta=a=b").status_code == 200
-    with django_assert_max_num_queries(13):  # ... and its reservations
+    with django_assert_max_num_queries(14):  # ... and its reservations, its approvals
         assert client.get("/runs/acme/q-3/").status_code == 200
-    with django_assert_max_num_queries(18):  # ... and the budgets' tile: the budgets, the thresholds crossed
+    with django_assert_max_num_queries(19):  # ... the budgets' tile: the budgets, the thresholds crossed; the
+        # approvals' tile: what waits (the oldest only when something does)
         assert client.get("/").status_code == 200
 
 

@@ -213,6 +213,8 @@ MATRIX: dict[tuple[str, str], Endpoint] = {
     ("GET", "agents/"): Endpoint(PAGE_LIST, "agents/", marker="project=acme"),
     ("GET", "costs/"): Endpoint(PAGE_LIST, "costs/", marker="acme-model"),
     ("GET", "sessions/<slug:project>/<path:session_id>/"): Endpoint(PAGE_READ, "sessions/acme/{session_id}/"),
+    ("GET", "approvals/"): Endpoint(PAGE_LIST, "approvals/", marker="{approval_id}"),
+    ("GET", "approvals/<slug:project>/<str:approval_id>/"): Endpoint(PAGE_READ, "approvals/acme/{approval_id}/"),
     ("GET", "audit/"): Endpoint(PAGE_LIST, "audit/", marker="acme-all"),
     ("POST", "audit/"): Endpoint(PAGE_ACTION, "audit/"),
     ("GET", "audit/export.<str:fmt>"): Endpoint(PAGE_LIST, "audit/export.csv", marker="acme-all"),

@@ -15,6 +15,7 @@ from django.shortcuts import render
 from django.utils import timezone
 from django.views import View
 
+from apps.approvals import selectors as approvals
 from apps.audit.services import audit_record
 from apps.budgets import selectors as budgets
 from apps.budgets.models import usd
@@ -173,6 +174,7 @@ class RunPage(Page):
             "values": {name: _preview(getattr(run, name)) for name in RUN_FIELDS if getattr(run, name) not in (None, {}, [])},
             "live_url": f"/ws/runs/{project}/{run.run_id}/",
             "reservations": budgets.reservations_of_run(run),
+            "approvals": approvals.approvals_of_run(run),
         }
         if request.GET.get("fragment") == "body":
             return render(request, "dashboard/_run_body.html", context)
