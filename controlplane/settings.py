@@ -336,6 +336,7 @@ DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "controlplane@localhost")
 APPROVALS_SWEEP_SECONDS = env_int("APPROVALS_SWEEP_SECONDS", 15, minimum=1)
 APPROVALS_GRANT_SECONDS = env_int("APPROVALS_GRANT_SECONDS", 300, minimum=1)
 APPROVALS_MAX_WAIT_SECONDS = 30
+APPROVALS_DB_THREADS = env_int("APPROVALS_DB_THREADS", 4, minimum=1)  # the waiters' reads, off the views' thread
 CELERY_BEAT_SCHEDULE["approvals-sweep"] = {"task": "approvals.sweep", "schedule": APPROVALS_SWEEP_SECONDS}
 # Where people open the product (links in emails).
 SITE_URL = env_str("SITE_URL", "http://127.0.0.1:8000")

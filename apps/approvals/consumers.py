@@ -22,14 +22,14 @@ class ApprovalWaitConsumer(AsyncJsonWebsocketConsumer):
         approval_id = self.scope["url_route"]["kwargs"]["approval_id"]
         try:
             self.access = await principal(self.scope, keys_only=True)
-            approval, _ = await read_approval(self.access, approval_id)
+            await read_approval(self.access, approval_id)
         except Refused as exc:
             await self.accept()
             await self.send_json({"error_code": exc.code, "message": exc.message})
             await self.close(code=CLOSE.get(exc.status, 4400))
             return
         self.approval_id = approval_id
-        self.group = live.approval_group(approval.pk)
+        self.group = live.approval_group(approval_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
         await self._send_state()

@@ -9,19 +9,22 @@ from django.db import transaction
 from apps.common import live
 
 
-def approval_group(approval_pk: int) -> str:
-    return f"approvals.approval.{approval_pk}"
+def approval_group(public_id: str) -> str:
+    """By the id agents know: a waiter subscribes before it has read the row."""
+    return f"approvals.approval.{public_id}"
 
 
 def project_group(project_id: int) -> str:
     return f"approvals.project.{project_id}"
 
 
-def publish_changed(*, approval_pk: int, project_id: int, state: str) -> None:
+def publish_changed(approval, state: str | None = None) -> None:
     """After commit: the approval changed (created, decided, consumed, expired, cancelled)."""
-    message = {"type": "approval.changed", "approval_pk": approval_pk, "project_id": project_id, "state": state}
+    message = {"type": "approval.changed", "approval_pk": approval.pk, "project_id": approval.project_id,
+               "state": state or approval.state}
+    groups = (approval_group(approval.public_id), project_group(approval.project_id))
 
     def send() -> None:
-        live.publish_many([(approval_group(approval_pk), message), (project_group(project_id), message)])
+        live.publish_many([(group, message) for group in groups])
 
     transaction.on_commit(send, robust=True)

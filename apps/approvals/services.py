@@ -22,6 +22,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
+from guardian.core import ObjectPermissionChecker
 from guardian.shortcuts import assign_perm
 
 from apps.audit.services import audit_record
@@ -213,7 +214,7 @@ def approval_request(*, key: ApiKey, action: str, arguments, tool: str = "", sum
             _trace(approval, key, [_span(approval, "request", now=now, extra={
                 "controlplane.approval.quorum": approval.quorum,
                 "controlplane.approval.approver_role": approval.approver_role})])
-            live.publish_changed(approval_pk=approval.pk, project_id=project.pk, state=approval.state)
+            live.publish_changed(approval)
             _notify(approval, "approval.requested")
     except IntegrityError:
         if not idempotency_key:
@@ -254,19 +255,20 @@ def _notify(approval: Approval, event: str) -> None:
 
 
 def decider_role(user, approval: Approval) -> str | None:
-    """The role that lets ``user`` decide ``approval`` now (checked at the moment of the decision), or None."""
+    """The role that lets ``user`` decide ``approval`` now (checked at the moment of the decision, with
+    guardian's object permissions: one checker, so the project's permissions are read once), or None."""
     if not getattr(user, "is_active", False):
         return None
+    checker = ObjectPermissionChecker(user)
     project = approval.project
+    manages = checker.has_perm("projects.manage_project", project)
     if approval.approver_role == ApproverRole.ADMIN:
-        allowed = user.has_perm("projects.manage_project", project)
-        role = "admin"
+        allowed, role = manages, "admin"
     else:
-        allowed = user.has_perm("projects.approve_project", project)
-        role = "admin" if allowed and user.has_perm("projects.manage_project", project) else "approver"
+        allowed, role = checker.has_perm("projects.approve_project", project), "admin" if manages else "approver"
     if allowed:
         return "superuser" if user.is_superuser else role
-    if user.has_perm("approvals.decide_approval", approval):
+    if checker.has_perm("approvals.decide_approval", approval):
         return "named approver"
     return None
 
@@ -343,7 +345,7 @@ def decide(*, approval: Approval, user, outcome: str, reason: str = "") -> Appro
                 "controlplane.approval.outcome": outcome, "controlplane.approval.decider": user.get_username(),
                 "controlplane.approval.role": role, "controlplane.approval.reason": reason[:500],
                 "controlplane.approval.approvals": approval.approvals})])
-            live.publish_changed(approval_pk=approval.pk, project_id=approval.project_id, state=approval.state)
+            live.publish_changed(approval)
             if approval.state != State.PENDING:
                 _notify(approval, f"approval.{approval.state}")
     except _Lost:
@@ -402,7 +404,7 @@ def consume(*, approval: Approval, key: ApiKey, action: str, arguments) -> tuple
             _trace(approval, key, [_span(approval, "consume", now=now, status="ok" if refused is None else "error",
                                          extra=extra, message="" if refused is None else refused.error_code)])
         if refused is None:
-            live.publish_changed(approval_pk=approval.pk, project_id=approval.project_id, state=approval.state)
+            live.publish_changed(approval)
     if refused is not None:
         raise refused
     ttl = settings.APPROVALS_GRANT_SECONDS
@@ -424,7 +426,7 @@ def cancel(*, approval: Approval, key: ApiKey, reason: str = "") -> Approval:
         raise _closed(approval)
     approval.refresh_from_db()
     _trace(approval, key, [_span(approval, "cancel", now=now)])
-    live.publish_changed(approval_pk=approval.pk, project_id=approval.project_id, state=approval.state)
+    live.publish_changed(approval)
     return approval
 
 
@@ -437,7 +439,7 @@ def expire(*, approval: Approval, now: datetime | None = None) -> bool:
         if done:
             approval.state = State.EXPIRED
             _trace(approval, None, [_span(approval, "expired", now=now, status="error", message="expired")])
-            live.publish_changed(approval_pk=approval.pk, project_id=approval.project_id, state=State.EXPIRED)
+            live.publish_changed(approval, State.EXPIRED)
             _notify(approval, "approval.expired")
     return bool(done)
 

@@ -21,7 +21,6 @@ import logging
 import re
 from urllib.parse import parse_qs
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import DatabaseError
@@ -29,6 +28,7 @@ from django.http import Http404
 from django.utils import timezone
 from rest_framework.exceptions import AuthenticationFailed
 
+from apps.common.dbthreads import DbThreads
 from apps.common.errors import RETRY_AFTER_SECONDS, ErrorCode, envelope
 from apps.projects.access import project_access
 from apps.projects.services import api_key_authenticate
@@ -37,6 +37,10 @@ from . import live, selectors
 from .models import Approval
 
 logger = logging.getLogger(__name__)
+
+# Waiters read on threads of their own: on Daphne's one thread for sync views, a hundred agents starting
+# to wait at once queued behind each other and behind the approvers' decisions (bench/RESULTS.md).
+_db = DbThreads("APPROVALS_DB_THREADS", "approvals-db")
 
 PATH = re.compile(r"^/api/v1/approvals/(apr_[0-9a-f]{1,36})$")
 
@@ -72,7 +76,7 @@ class Refused(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
-@database_sync_to_async
+@_db
 def principal(scope, *, keys_only: bool = False):
     """The key presented (``Authorization: Bearer`` or ``X-API-Key``), else the session's person
     (unless ``keys_only``)."""
@@ -95,7 +99,7 @@ def principal(scope, *, keys_only: bool = False):
     return project_access(user)
 
 
-@database_sync_to_async
+@_db
 def read_approval(access, approval_id: str) -> tuple[Approval, dict]:
     try:
         found = selectors.approval(principal=access, approval_id=approval_id)
@@ -119,15 +123,14 @@ async def application(scope, receive, send) -> None:
     channel = group = None
     try:
         access = await principal(scope)
+        # Subscribe first, then read: a decision committed in between is in the row or in the group.
+        channel = await layer.new_channel()
+        group = live.approval_group(approval_id)
+        await layer.group_add(group, channel)
         approval, body = await read_approval(access, approval_id)
         if approval.state == Approval.State.PENDING:
             loop = asyncio.get_running_loop()
             ends = loop.time() + seconds
-            # Subscribe first, then read: a decision committed in between is in the row or in the group.
-            channel = await layer.new_channel()
-            group = live.approval_group(approval.pk)
-            await layer.group_add(group, channel)
-            approval, body = await read_approval(access, approval_id)
             gone = asyncio.ensure_future(receive())  # the client hanging up ends the wait
             try:
                 while approval.state == Approval.State.PENDING:

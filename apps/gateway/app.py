@@ -22,15 +22,14 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, connection
 from django.utils import timezone
 
+from apps.common.dbthreads import DbThreads
 from apps.common.errors import RETRY_AFTER_SECONDS
 
 from . import calls
@@ -62,16 +61,8 @@ def client() -> httpx.AsyncClient:
     return next(found[1])
 
 
-_executor: ThreadPoolExecutor | None = None
-
-
-def _db(fn):
-    """``fn`` on one of the gateway's database threads (each keeps its connection: no pool round trip
-    per call)."""
-    global _executor
-    if _executor is None:
-        _executor = ThreadPoolExecutor(max_workers=settings.GATEWAY_DB_THREADS, thread_name_prefix="gateway-db")
-    return sync_to_async(fn, thread_sensitive=False, executor=_executor)
+# The gateway's database work runs on threads of its own, each keeping its connection.
+_db = DbThreads("GATEWAY_DB_THREADS", "gateway-db")
 
 
 async def _json(send: Send, status: int, body: Any, headers: list | None = None) -> None:

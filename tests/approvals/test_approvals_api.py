@@ -3,6 +3,7 @@ quorum, never the requester's own), consume once for exactly what was approved, 
 decision audited and each step on the run's trace."""
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -294,3 +295,26 @@ def test_webhooks_tell_the_rule_and_the_callback_signed(client_for, alice, proje
     for _, headers, body in got:
         assert verify(project.webhook_secret, body, headers["X-Controlplane-Signature"])
         assert headers["X-Controlplane-Event"] == "approval.requested"
+
+
+def test_an_overdue_request_is_sent_again_once(client_for, alice, project, receiver, ask, settings, mailoutbox):
+    from apps.approvals.tasks import notify
+
+    url, got = receiver
+    project.webhook_allowlist = [url]
+    project.save()
+    _rule(client_for(alice), name="slow", action_pattern="payments.*", overdue_seconds=60,
+          webhook_url=f"{url}/rule", notify_emails=["approvers@example.com"])
+    waiting, decided = ask(), ask()
+    for approval in Approval.objects.all():  # as the request's commit would: told once
+        notify(approval.pk, "approval.requested")
+    Approval.objects.update(overdue_at=timezone.now() - timedelta(seconds=1))
+    Approval.objects.filter(public_id=decided["id"]).update(state="rejected")
+    got.clear()
+    mailoutbox.clear()
+    settings.CELERY_TASK_ALWAYS_EAGER = True
+    assert sweep()["overdue"] == 1
+    assert sweep()["overdue"] == 0  # once
+    assert [json.loads(body)["type"] for _, _, body in got] == ["approval.overdue"]
+    assert json.loads(got[0][2])["approval"]["id"] == waiting["id"]
+    assert len(mailoutbox) == 1 and "still waiting" in mailoutbox[0].subject
