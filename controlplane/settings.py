@@ -58,6 +58,7 @@ INSTALLED_APPS = [
     "apps.budgets",
     "apps.approvals",
     "apps.gateway",
+    "apps.evals",
     "apps.ingest",
     "apps.dashboard",  # the audit UI: pages and live consumers, no models
 ]
@@ -366,3 +367,15 @@ GATEWAY_DB_THREADS = env_int("GATEWAY_DB_THREADS", 4, minimum=1)
 GATEWAY_MAX_CONNECTIONS = env_int("GATEWAY_MAX_CONNECTIONS", 256, minimum=1)
 GATEWAY_CLIENT_POOLS = env_int("GATEWAY_CLIENT_POOLS", 16, minimum=1)
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024)
+
+# --- Evals -----------------------------------------------------------------------------------------
+# After each run: a run's evaluations are due EVALS_AFTER_RUN_DELAY_SECONDS after its finish commits (late
+# spans of an OTLP trace have that long to arrive). A worker's claim lasts EVALS_LEASE_SECONDS; the beat's
+# sweep (every EVALS_SWEEP_SECONDS) enqueues again what waits longer than EVALS_ENQUEUE_GRACE_SECONDS or
+# whose lease expired; after EVALS_MAX_ATTEMPTS claims a run's evaluation is given up (failed, visible).
+EVALS_AFTER_RUN_DELAY_SECONDS = env_float("EVALS_AFTER_RUN_DELAY_SECONDS", 5, minimum=0)
+EVALS_LEASE_SECONDS = env_float("EVALS_LEASE_SECONDS", 300, minimum=1)
+EVALS_ENQUEUE_GRACE_SECONDS = env_float("EVALS_ENQUEUE_GRACE_SECONDS", 60, minimum=0)
+EVALS_MAX_ATTEMPTS = env_int("EVALS_MAX_ATTEMPTS", 5, minimum=1)
+EVALS_SWEEP_SECONDS = env_int("EVALS_SWEEP_SECONDS", 15, minimum=1)
+CELERY_BEAT_SCHEDULE["evals-sweep"] = {"task": "evals.sweep", "schedule": EVALS_SWEEP_SECONDS}

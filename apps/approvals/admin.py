@@ -38,24 +38,23 @@ class ApprovalRuleAdmin(EditedByProjectAdmins):
               "risk_labels", "approver_role", "named_approvers", "quorum", "deadline_seconds", "overdue_seconds",
               "notify_emails", "webhook_url")
 
-    def save_model(self, request, obj, form, change):
-        self._check(request, obj)
-        values = {f: form.cleaned_data[f] for f in ApprovalRule.FIELDS if f in form.cleaned_data}
+    service_fields = ApprovalRule.FIELDS
+
+    def service_values(self, form):
+        values = super().service_values(form)
         amount = form.cleaned_data.get("min_cost_usd")
         values["min_cost_nanos"] = None if amount is None else nanos(amount)
-        if change:
-            services.rule_update(rule=obj, actor=request.user, **values)
-        else:
-            created = services.rule_create(project=form.cleaned_data["project"], actor=request.user, **values)
-            obj.pk = created.pk
+        return values
 
-    def delete_model(self, request, obj):
-        self._check(request, obj)
-        services.rule_delete(rule=obj, actor=request.user)
+    def service_create(self, *, project, actor, values):
+        return services.rule_create(project=project, actor=actor, **values)
 
-    def delete_queryset(self, request, queryset):
-        for obj in queryset:
-            self.delete_model(request, obj)
+    def service_update(self, obj, *, actor, values):
+        services.rule_update(rule=obj, actor=actor, **values)
+
+    def service_delete(self, obj, *, actor):
+        services.rule_delete(rule=obj, actor=actor)
+
 
 
 @admin.register(Approval)

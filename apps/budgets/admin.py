@@ -33,23 +33,17 @@ class PriceOverrideAdmin(EditedByProjectAdmins):
     fields = ("project", "provider", "model_pattern", "effective_from", "input_per_mtok", "output_per_mtok",
               "cache_read_per_mtok", "cache_write_per_mtok", "reasoning_per_mtok", "note")
 
-    def save_model(self, request, obj, form, change):
-        self._check(request, obj)
-        values = {f: form.cleaned_data[f] for f in services.OVERRIDE_FIELDS if f in form.cleaned_data}
-        if change:
-            services.price_override_update(override=obj, actor=request.user, **values)
-        else:
-            created = services.price_override_create(project=form.cleaned_data["project"], actor=request.user,
-                                                     **values)
-            obj.pk = created.pk
+    service_fields = services.OVERRIDE_FIELDS
 
-    def delete_model(self, request, obj):
-        self._check(request, obj)
-        services.price_override_delete(override=obj, actor=request.user)
+    def service_create(self, *, project, actor, values):
+        return services.price_override_create(project=project, actor=actor, **values)
 
-    def delete_queryset(self, request, queryset):
-        for obj in queryset:
-            self.delete_model(request, obj)
+    def service_update(self, obj, *, actor, values):
+        services.price_override_update(override=obj, actor=actor, **values)
+
+    def service_delete(self, obj, *, actor):
+        services.price_override_delete(override=obj, actor=actor)
+
 
 
 @admin.register(CostSettings)
@@ -118,23 +112,20 @@ class BudgetAdmin(EditedByProjectAdmins):
     list_select_related = ("project",)
     fields = ("project", "name", "scope", "value", "period", "cap_usd", "time_zone", "hard", "thresholds", "enabled")
 
-    def save_model(self, request, obj, form, change):
-        self._check(request, obj)
-        values = {f: form.cleaned_data[f] for f in Budget.FIELDS if f in form.cleaned_data}
-        values["cap_nanos"] = nanos(form.cleaned_data["cap_usd"])
-        if change:
-            services.budget_update(budget=obj, actor=request.user, **values)
-        else:
-            created = services.budget_create(project=form.cleaned_data["project"], actor=request.user, **values)
-            obj.pk = created.pk
+    service_fields = Budget.FIELDS
 
-    def delete_model(self, request, obj):
-        self._check(request, obj)
-        services.budget_delete(budget=obj, actor=request.user)
+    def service_values(self, form):
+        return {**super().service_values(form), "cap_nanos": nanos(form.cleaned_data["cap_usd"])}
 
-    def delete_queryset(self, request, queryset):
-        for obj in queryset:
-            self.delete_model(request, obj)
+    def service_create(self, *, project, actor, values):
+        return services.budget_create(project=project, actor=actor, **values)
+
+    def service_update(self, obj, *, actor, values):
+        services.budget_update(budget=obj, actor=actor, **values)
+
+    def service_delete(self, obj, *, actor):
+        services.budget_delete(budget=obj, actor=actor)
+
 
 
 @admin.register(BudgetLedger)

@@ -54,6 +54,7 @@ class ErrorCode(models.TextChoices):
     ACTION_MISMATCH = "action_mismatch"
     SELF_APPROVAL = "self_approval"
     ALREADY_DECIDED = "already_decided"
+    SCORE_EXISTS = "score_exists"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -19,18 +19,13 @@ class UpstreamAdmin(EditedByProjectAdmins):
     list_select_related = ("project",)
     fields = ("project", *Upstream.FIELDS)
 
-    def save_model(self, request, obj, form, change):
-        self._check(request, obj)
-        values = {f: form.cleaned_data[f] for f in Upstream.FIELDS if f in form.cleaned_data}
-        if change:
-            services.upstream_update(upstream=obj, actor=request.user, **values)
-        else:
-            obj.pk = services.upstream_create(project=form.cleaned_data["project"], actor=request.user, **values).pk
+    service_fields = Upstream.FIELDS
 
-    def delete_model(self, request, obj):
-        self._check(request, obj)
-        services.upstream_delete(upstream=obj, actor=request.user)
+    def service_create(self, *, project, actor, values):
+        return services.upstream_create(project=project, actor=actor, **values)
 
-    def delete_queryset(self, request, queryset):
-        for obj in queryset:
-            self.delete_model(request, obj)
+    def service_update(self, obj, *, actor, values):
+        services.upstream_update(upstream=obj, actor=actor, **values)
+
+    def service_delete(self, obj, *, actor):
+        services.upstream_delete(upstream=obj, actor=actor)

@@ -99,6 +99,39 @@ class EditedByProjectAdmins(ScopedAdminMixin, admin.ModelAdmin):
         if not self._may_change(request, obj):
             raise PermissionDenied
 
+    # The app's audited services, which every save and delete goes through (a subclass names them;
+    # a row that is only ever updated overrides ``save_model`` instead, as the costs' settings do).
+    service_fields: tuple[str, ...] = ()
+
+    def service_values(self, form) -> dict:
+        """The form's values as the services take them (a subclass converts what differs: USD to nanos)."""
+        return {f: form.cleaned_data[f] for f in self.service_fields if f in form.cleaned_data}
+
+    def service_create(self, *, project, actor, values: dict):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def service_update(self, obj, *, actor, values: dict) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def service_delete(self, obj, *, actor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def save_model(self, request, obj, form, change):
+        self._check(request, obj)
+        values = self.service_values(form)
+        if change:
+            self.service_update(obj, actor=request.user, values=values)
+        else:
+            obj.pk = self.service_create(project=form.cleaned_data["project"], actor=request.user, values=values).pk
+
+    def delete_model(self, request, obj):
+        self._check(request, obj)
+        self.service_delete(obj, actor=request.user)
+
+    def delete_queryset(self, request, queryset):
+        for obj in queryset:
+            self.delete_model(request, obj)
+
 
 class VisibleProjectFilter(admin.SimpleListFilter):
     """Filter by project, offering only the projects the viewer may see (the stock related-field

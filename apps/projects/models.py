@@ -36,9 +36,10 @@ class Role(models.TextChoices):
 # Object permissions each role's group holds on its project (guardian).
 ROLE_PERMISSIONS: dict[str, tuple[str, ...]] = {
     Role.AUDITOR: ("view_project",),
-    Role.APPROVER: ("view_project", "approve_project"),
-    Role.OPERATOR: ("view_project", "operate_project"),
-    Role.ADMIN: ("view_project", "change_project", "manage_project", "approve_project", "operate_project"),
+    Role.APPROVER: ("view_project", "approve_project", "score_project"),
+    Role.OPERATOR: ("view_project", "operate_project", "score_project"),
+    Role.ADMIN: ("view_project", "change_project", "manage_project", "approve_project", "operate_project",
+                 "score_project"),
 }
 
 
@@ -156,6 +157,7 @@ class Project(models.Model):
             ("manage_project", "Manage keys and members"),
             ("approve_project", "Decide approvals"),
             ("operate_project", "Steer the queue"),
+            ("score_project", "Score runs (people's feedback)"),
         ]
 
     def __str__(self) -> str:

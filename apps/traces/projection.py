@@ -174,6 +174,7 @@ class _Application:
         self.projected: list[signals.SpanChange] = []
         self.attribution: dict[str, tuple] = {}  # each run's agent, version, end user and key as locked
         self.at_end: list[Callable[[], None]] = []  # receivers' last writes (see signals.spans_projected)
+        self.finishing: dict[str, None] = {}  # run ids a run.finish record of this group touched, in order
 
     def run(self) -> None:
         self.lock_runs()
@@ -185,6 +186,9 @@ class _Application:
         self.link_runs()
         self.tell_listeners()
         self.settle_runs()
+        if self.finishing and signals.runs_finishing.has_listeners(Run):
+            signals.runs_finishing.send(sender=Run, project_id=self.project_id,
+                                        runs=[self.runs[r] for r in self.finishing])
         for finish in self.at_end:
             finish()
 
@@ -270,6 +274,7 @@ class _Application:
         elif op == "run.finish":
             run.record_finish(rec, ended_at=parse_time(rec["ended_at"]))
             self.changes.finished.add(run.pk)
+            self.finishing[run.run_id] = None
             self.dirty.add(run.run_id)
 
     def store_log(self) -> dict[SpanKey, int]:

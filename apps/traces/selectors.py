@@ -437,6 +437,20 @@ def run_detail(*, principal, run_id: str, project_slug: str | None = None) -> tu
     }
 
 
+# --- for evaluators (server code acting for no one: callers scope the runs they pass) ---
+
+
+def unrecovered_error_spans(run_pks: list[int]) -> dict[int, str]:
+    """Per run, its latest error span that no retry or fallback recovered ('' if none): what a failed
+    run names as its failing span, for runs that claim to have completed (evals' silent success)."""
+    return failing_spans(run_pks)
+
+
+def run_loops(run: Run) -> list[dict]:
+    """A run's loops as its page draws them (``topology``): iterations with their verdicts, the winner."""
+    return topology.build(run_outline(run))["loops"]
+
+
 # --- agents and sessions ---
 
 AGENT_STATS_WINDOW = timedelta(days=7)

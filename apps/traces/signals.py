@@ -15,6 +15,11 @@ traces importing them.
   moment before commit, not for the rest of the group. A receiver that raises fails the
   projection of those records (they are retried, then set aside as dead records): receivers must be
   correct and cheap.
+* ``runs_finishing(sender=Run, project_id, runs: list[Run])``: sent by the projection *inside* its
+  transaction, after the runs are saved, with the runs a ``run.finish`` record of this group touched,
+  as they now stand (their outcome settled). A receiver that writes commits with the finish or not at
+  all: the place for an outbox row (evals after each run) that must not be lost between the commit
+  and a receiver of ``run_finished``. A re-sent finish sends a run again: receivers are idempotent.
 * ``run_changed(sender=Run, run, new_span_ids, updated_span_ids)``: after commit, a run or its spans
   changed (for live pages). A failing receiver is logged and never undoes or stalls ingest.
 * ``run_finished(sender=Run, run)``: after commit, a run reached a terminal status (including LOST,
@@ -45,3 +50,4 @@ class SpanChange:
 spans_projected = Signal()
 run_changed = Signal()
 run_finished = Signal()
+runs_finishing = Signal()

@@ -29,9 +29,11 @@ from apps.approvals.models import Approval
 from apps.audit.models import AuditEvent
 from apps.budgets import services as budget_services
 from apps.budgets.models import CostSettings, CostSpike, PriceOverride, Reservation
+from apps.evals import services as eval_services
+from apps.evals.models import EvalPending
 from apps.gateway import services as gateway_services
 from apps.projects.admin import ScopedAdminMixin
-from apps.traces.models import DeadRecord, IngestBatch
+from apps.traces.models import DeadRecord, IngestBatch, Run
 from tests.ingest import builders as otlp_builders
 from tests.streaming import read_streamed
 from tests.traces.helpers import at, drain
@@ -193,6 +195,24 @@ MATRIX: dict[tuple[str, str], Endpoint] = {
         body={"action": "matrix.action", "arguments": {"n": 1}}),
     ("POST", "api/v1/approvals/<str:approval_id>/cancel"): Endpoint(
         KEY_ACTION, "api/v1/approvals/{approval_id}/cancel", scope="approvals"),
+    # evals: a run's scores (read), external scores (keys), people's feedback, after-run configurations
+    ("GET", f"{RUN}/scores"): Endpoint(READ, "api/v1/runs/{run_id}/scores", scope="read"),
+    ("POST", f"{RUN}/scores"): Endpoint(KEY_ACTION, "api/v1/runs/{run_id}/scores", scope="ingest",
+                                        body={"evaluator": "matrix", "score": 1}),
+    ("POST", f"{RUN}/feedback"): Endpoint(PERSON_WRITE, "api/v1/runs/{run_id}/feedback", perm="score_project",
+                                          body={"passed": True}),
+    ("GET", "api/v1/evaluators"): Endpoint(AUTHENTICATED, "api/v1/evaluators"),
+    ("GET", f"{PROJECT}/eval-configs"): Endpoint(READ, "api/v1/projects/{slug}/eval-configs", scope="read"),
+    ("POST", f"{PROJECT}/eval-configs"): Endpoint(PERSON_WRITE, "api/v1/projects/{slug}/eval-configs",
+                                                  perm="change_project",
+                                                  body={"name": "new", "evaluators": [{"name": "run_succeeded"}]}),
+    ("GET", f"{PROJECT}/eval-configs/<int:config_id>"): Endpoint(
+        READ, "api/v1/projects/{slug}/eval-configs/{config_id}", scope="read"),
+    ("PATCH", f"{PROJECT}/eval-configs/<int:config_id>"): Endpoint(
+        PERSON_WRITE, "api/v1/projects/{slug}/eval-configs/{config_id}", perm="change_project",
+        body={"sample_rate": 0.5}),
+    ("DELETE", f"{PROJECT}/eval-configs/<int:config_id>"): Endpoint(
+        PERSON_WRITE, "api/v1/projects/{slug}/eval-configs/{config_id}", perm="change_project"),
     # OTLP/HTTP: keys only (a person's session is not read there: 401)
     ("POST", "v1/traces"): Endpoint(KEY_WRITE, "v1/traces", scope="ingest", body=_otlp_traces(),
                                     person=(401, "not_authenticated")),
@@ -326,6 +346,15 @@ def world(project, other_project, alice, bob, charlie, make_key, key_client, cli
         approval_services.decide(approval=approved[p.slug], user=django_user_model.objects.create_superuser(
             f"{p.slug}-approver", password="pw"), outcome="approve")
 
+    eval_configs = {}
+    for p in (project, other_project):  # an after-run configuration, a score and a pending evaluation each
+        eval_configs[p.slug] = eval_services.config_create(project=p, actor=None, name=f"{p.slug}-quality",
+                                                           evaluators=[{"name": "run_succeeded"}])
+        run_row = Run.objects.get(project=p, run_id=f"{p.slug}-run-1")
+        eval_services.score_submit(key=type(acme_key).objects.get(project=p, name=f"{p.slug}-all"), run=run_row,
+                                   evaluator="matrix.seed", version="1", score=1.0)
+        EvalPending.objects.create(project=p, run=run_row, config=eval_configs[p.slug], due_at=timezone.now())
+
     def key(scopes, proj=None) -> APIClient:
         return key_client(make_key(proj or project, scopes=list(scopes), name="probe")[1])
 
@@ -337,7 +366,8 @@ def world(project, other_project, alice, bob, charlie, make_key, key_client, cli
                 "tool_span_id": "acme-tool-1", "session_id": "acme-session",
                 "override_id": overrides["acme"].pk, "budget_id": budgets["acme"].pk,
                 "reservation_id": held.pk, "rule_id": rules["acme"].pk,
-                "approval_id": pending["acme"].public_id, "approved_id": approved["acme"].public_id})
+                "approval_id": pending["acme"].public_id, "approved_id": approved["acme"].public_id,
+                "config_id": eval_configs["acme"].pk})
 
 
 def _call(client, method: str, e: Endpoint, world):
@@ -638,6 +668,10 @@ ADMIN_MATRIX: dict[str, AdminEntry] = {
     "approvals.Decision": RUN_LOG,
     # the gateway's upstreams: edited by project admins (the gateway's own endpoints: tests/gateway/)
     "gateway.Upstream": AdminEntry(scoped=True, view_by_role=True),
+    # evals: configurations edited by project admins; scores and the after-run outbox read-only
+    "evals.EvalConfig": AdminEntry(scoped=True, view_by_role=True),
+    "evals.EvalScore": RUN_LOG,
+    "evals.EvalPending": RUN_LOG,
 }
 
 

@@ -1,0 +1,126 @@
+"""Evals over HTTP: a run's scores (read), scores from outside systems (API keys with the ``ingest``
+scope), people's feedback (roles holding ``score_project``; never a key), the after-run
+configurations (project admins; audited) and the evaluator registry."""
+from __future__ import annotations
+
+from django.core.exceptions import ValidationError
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import status
+from rest_framework.exceptions import PermissionDenied
+from rest_framework.response import Response
+
+from apps.common.api import ERROR_RESPONSES, invalid
+from apps.common.errors import ErrorCode, ErrorSerializer
+from apps.projects.permissions import PersonOnly, ProjectScopedAPIView, is_agent, project_param, require_scope
+from apps.traces import selectors as traces
+
+from . import selectors, services
+from .models import EvalConfig
+from .serializers import ConfigSerializer, EvaluatorOut, FeedbackIn, ScoreIn, ScoreOut
+
+
+class RunScoresView(ProjectScopedAPIView):
+    @extend_schema(summary="A run's scores (evaluators, external systems, the trace's own, people's feedback)",
+                   responses={200: ScoreOut(many=True), **ERROR_RESPONSES})
+    def get(self, request, run_id: str):
+        require_scope(request, "read")
+        run = traces.run_get(principal=self.access, run_id=run_id, project_slug=project_param(request))
+        return Response(ScoreOut(selectors.run_scores(run), many=True).data)
+
+    @extend_schema(summary="Add a score from an external evaluator (API keys with the ingest scope)",
+                   description="Scores are never replaced: the same evaluator, version and span sent again with "
+                               "the same values answers 200 with the score; with other values 409 score_exists "
+                               "(send a new version).",
+                   request=ScoreIn, responses={201: ScoreOut, 200: ScoreOut, **ERROR_RESPONSES,
+                                               409: OpenApiResponse(ErrorSerializer, description="score_exists")})
+    def post(self, request, run_id: str):
+        if not is_agent(request):
+            raise PermissionDenied("Scores are sent by an API key with the 'ingest' scope; people give feedback "
+                                   "(POST …/feedback).", code=ErrorCode.API_KEY_REQUIRED)
+        require_scope(request, "ingest")
+        run = traces.run_get(principal=self.access, run_id=run_id)
+        ser = ScoreIn(data=request.data)
+        ser.is_valid(raise_exception=True)
+        row, created = services.score_submit(key=request.auth, run=run, **ser.validated_data)
+        return Response(ScoreOut(selectors.score_json(row)).data,
+                        status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+
+class RunFeedbackView(ProjectScopedAPIView):
+    @extend_schema(summary="Your feedback on a run: thumbs up or down, or a number, with a comment (people "
+                           "whose role holds score_project; one per person and run, yours to change)",
+                   request=FeedbackIn, responses={200: ScoreOut, **ERROR_RESPONSES})
+    def post(self, request, run_id: str):
+        PersonOnly().has_permission(request, self)
+        run = traces.run_get(principal=self.access, run_id=run_id, project_slug=project_param(request))
+        self.require_perm(run.project, "score_project")
+        ser = FeedbackIn(data=request.data)
+        ser.is_valid(raise_exception=True)
+        d = ser.validated_data
+        row = services.feedback_submit(user=request.user, run=run, score=d["score"], passed=d["passed"],
+                                       explanation=d["comment"])
+        return Response(ScoreOut(selectors.score_json(row)).data)
+
+
+class EvaluatorListView(ProjectScopedAPIView):
+    @extend_schema(summary="The evaluators, with their versions and settings (JSON Schema)",
+                   responses={200: EvaluatorOut(many=True), **ERROR_RESPONSES})
+    def get(self, request):
+        return Response(EvaluatorOut(selectors.registry(), many=True).data)
+
+
+class ConfigListView(ProjectScopedAPIView):
+    @extend_schema(summary="A project's after-run eval configurations",
+                   responses={200: ConfigSerializer(many=True), **ERROR_RESPONSES})
+    def get(self, request, slug: str):
+        require_scope(request, "read")
+        return Response(ConfigSerializer(selectors.configs_of_project(self.get_project(slug)), many=True).data)
+
+    @extend_schema(summary="Add an after-run eval configuration (project admins; audited)",
+                   request=ConfigSerializer, responses={201: ConfigSerializer, **ERROR_RESPONSES})
+    def post(self, request, slug: str):
+        PersonOnly().has_permission(request, self)
+        project = self.get_project(slug)
+        self.require_perm(project, "change_project")
+        ser = ConfigSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        try:
+            config = services.config_create(project=project, actor=request.user, **ser.validated_data)
+        except ValidationError as exc:
+            raise invalid(exc) from None
+        return Response(ConfigSerializer(config).data, status=status.HTTP_201_CREATED)
+
+
+class ConfigDetailView(ProjectScopedAPIView):
+    def _get(self, slug: str, config_id: int) -> EvalConfig:
+        return get_object_or_404(EvalConfig.objects.select_related("project"), project=self.get_project(slug),
+                                 pk=config_id)
+
+    @extend_schema(summary="An after-run eval configuration", responses={200: ConfigSerializer, **ERROR_RESPONSES})
+    def get(self, request, slug: str, config_id: int):
+        require_scope(request, "read")
+        return Response(ConfigSerializer(self._get(slug, config_id)).data)
+
+    @extend_schema(summary="Change an after-run eval configuration (project admins; audited)",
+                   request=ConfigSerializer, responses={200: ConfigSerializer, **ERROR_RESPONSES})
+    def patch(self, request, slug: str, config_id: int):
+        PersonOnly().has_permission(request, self)
+        config = self._get(slug, config_id)
+        self.require_perm(config.project, "change_project")
+        ser = ConfigSerializer(config, data=request.data, partial=True)
+        ser.is_valid(raise_exception=True)
+        try:
+            config = services.config_update(config=config, actor=request.user, **ser.validated_data)
+        except ValidationError as exc:
+            raise invalid(exc) from None
+        return Response(ConfigSerializer(config).data)
+
+    @extend_schema(summary="Remove an after-run eval configuration (project admins; audited)",
+                   responses={204: None, **ERROR_RESPONSES})
+    def delete(self, request, slug: str, config_id: int):
+        PersonOnly().has_permission(request, self)
+        config = self._get(slug, config_id)
+        self.require_perm(config.project, "change_project")
+        services.config_delete(config=config, actor=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)

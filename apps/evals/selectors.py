@@ -1,0 +1,45 @@
+"""The evals' reads, scoped to what the caller may see (``traces.selectors.run_get`` for one run; a
+run's rows are read only once the caller may see the run)."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from apps.traces.models import Run
+
+from . import evaluators
+from .models import EvalConfig, EvalScore
+
+
+def score_json(s: EvalScore) -> dict:
+    return {
+        "id": s.pk, "evaluator": s.evaluator, "version": s.version, "span_id": s.span_id or None,
+        "score": s.score, "label": s.label, "passed": s.passed, "explanation": s.explanation,
+        "outcome": s.outcome, "error_code": s.error_code or None, "source": s.source,
+        "user": s.user.username if s.user_id else None, "created_at": s.created_at, "updated_at": s.updated_at,
+    }
+
+
+def run_scores(run: Run) -> list[dict]:
+    """Every score of a run (a run the caller may see), evaluator errors included."""
+    return [score_json(s) for s in EvalScore.objects.filter(run=run).select_related("user")
+            .order_by("evaluator", "span_id", "version")]
+
+
+def runs_scores(run_pks: list[int]) -> dict[int, list[dict]]:
+    """For a list of runs (a page the caller may see): their run-level scores, compact, in one query."""
+    out: dict[int, list[dict]] = defaultdict(list)
+    for row in (EvalScore.objects.filter(run_id__in=run_pks, span_id="")
+                .order_by("evaluator", "version").values("run_id", "evaluator", "version", "score", "label",
+                                                         "passed", "outcome", "source")):
+        out[row["run_id"]].append(row)
+    return out
+
+
+def configs_of_project(project) -> list[EvalConfig]:
+    return list(EvalConfig.objects.filter(project=project).order_by("name"))
+
+
+def registry() -> list[dict]:
+    return [{"name": e.name, "version": e.version, "description": e.description,
+             "deterministic": e.deterministic, "config_schema": e.config_schema}
+            for e in sorted(evaluators.REGISTRY.values(), key=lambda e: e.name)]

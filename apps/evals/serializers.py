@@ -1,0 +1,82 @@
+"""The evals API's inputs and outputs."""
+from __future__ import annotations
+
+from django.core.validators import RegexValidator
+from rest_framework import serializers
+
+from .models import EvalConfig, EvalScore
+
+_NO_NUL = RegexValidator(r"^[^\x00]*$", "must not contain NUL.")
+_NAME = RegexValidator(r"^[A-Za-z0-9_.:\-/]+$", "letters, digits and _ . : - / only.")
+
+
+class ScoreIn(serializers.Serializer):
+    evaluator = serializers.CharField(max_length=100, validators=[_NAME],
+                                      help_text="Your evaluator's name (not 'human': people's feedback).")
+    version = serializers.CharField(max_length=50, default="1", validators=[_NAME])
+    span_id = serializers.CharField(max_length=64, required=False, default="", allow_blank=True,
+                                    validators=[_NO_NUL], help_text="The span scored; omitted: the whole run.")
+    score = serializers.FloatField(required=False, allow_null=True, default=None, min_value=-1e12, max_value=1e12)
+    label = serializers.CharField(max_length=100, required=False, default="", allow_blank=True, validators=[_NO_NUL])
+    passed = serializers.BooleanField(required=False, allow_null=True, default=None)
+    explanation = serializers.CharField(max_length=10000, required=False, default="", allow_blank=True,
+                                        validators=[_NO_NUL])
+
+    def validate_evaluator(self, value: str) -> str:
+        if value.lower() == "human":
+            raise serializers.ValidationError("'human' is people's feedback (POST …/feedback).")
+        return value
+
+    def validate(self, attrs):
+        if attrs.get("score") is None and attrs.get("passed") is None and not attrs.get("label"):
+            raise serializers.ValidationError({"score": "Give a score, a label or passed."})
+        return attrs
+
+
+class FeedbackIn(serializers.Serializer):
+    passed = serializers.BooleanField(required=False, allow_null=True, default=None,
+                                      help_text="Thumbs up (true) or down (false).")
+    score = serializers.FloatField(required=False, allow_null=True, default=None, min_value=-1e6, max_value=1e6)
+    comment = serializers.CharField(max_length=5000, required=False, default="", allow_blank=True,
+                                    validators=[_NO_NUL])
+
+    def validate(self, attrs):
+        if attrs.get("score") is None and attrs.get("passed") is None:
+            raise serializers.ValidationError({"passed": "Give thumbs up or down (passed), or a score."})
+        return attrs
+
+
+class ScoreOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    evaluator = serializers.CharField()
+    version = serializers.CharField()
+    span_id = serializers.CharField(allow_null=True)
+    score = serializers.FloatField(allow_null=True)
+    label = serializers.CharField()
+    passed = serializers.BooleanField(allow_null=True)
+    explanation = serializers.CharField()
+    outcome = serializers.ChoiceField(choices=EvalScore.Outcome.choices,
+                                      help_text="error: the evaluator could not judge (error_code says why).")
+    error_code = serializers.CharField(allow_null=True)
+    source = serializers.ChoiceField(choices=EvalScore.Source.choices)
+    user = serializers.CharField(allow_null=True, help_text="The person, for people's feedback.")
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+
+
+class ConfigSerializer(serializers.ModelSerializer):
+    evaluators = serializers.JSONField(help_text='[{"name": "silent_success"}, {"name": "latency_slo", '
+                                                 '"config": {"max_ms": 5000}}]')
+
+    class Meta:
+        model = EvalConfig
+        fields = ["id", "name", "agent_pattern", "evaluators", "sample_rate", "enabled", "created_at", "updated_at"]
+        read_only_fields = ["id", "created_at", "updated_at"]
+
+
+class EvaluatorOut(serializers.Serializer):
+    name = serializers.CharField()
+    version = serializers.CharField()
+    description = serializers.CharField()
+    deterministic = serializers.BooleanField()
+    config_schema = serializers.JSONField()

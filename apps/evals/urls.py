@@ -1,0 +1,12 @@
+from django.urls import path
+
+from . import api
+
+urlpatterns = [
+    path("runs/<str:run_id>/scores", api.RunScoresView.as_view(), name="run-scores"),
+    path("runs/<str:run_id>/feedback", api.RunFeedbackView.as_view(), name="run-feedback"),
+    path("evaluators", api.EvaluatorListView.as_view(), name="evaluators"),
+    path("projects/<slug:slug>/eval-configs", api.ConfigListView.as_view(), name="eval-configs"),
+    path("projects/<slug:slug>/eval-configs/<int:config_id>", api.ConfigDetailView.as_view(),
+         name="eval-config-detail"),
+]
