@@ -378,4 +378,7 @@ EVALS_LEASE_SECONDS = env_float("EVALS_LEASE_SECONDS", 300, minimum=1)
 EVALS_ENQUEUE_GRACE_SECONDS = env_float("EVALS_ENQUEUE_GRACE_SECONDS", 60, minimum=0)
 EVALS_MAX_ATTEMPTS = env_int("EVALS_MAX_ATTEMPTS", 5, minimum=1)
 EVALS_SWEEP_SECONDS = env_int("EVALS_SWEEP_SECONDS", 15, minimum=1)
+# llm_judge calls models through our own gateway, over HTTP like any agent (traced, costed, capped). A
+# judge's timeout (at most 120 s) stays well under EVALS_LEASE_SECONDS.
+EVALS_GATEWAY_URL = env_str("EVALS_GATEWAY_URL", f"{SITE_URL.rstrip('/')}/gateway/v1")
 CELERY_BEAT_SCHEDULE["evals-sweep"] = {"task": "evals.sweep", "schedule": EVALS_SWEEP_SECONDS}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from operator import itemgetter
 
-from django.db import connections, router
+from django.db import connections, router, transaction
 from django.db.models import DateField, JSONField, Model
 from django.db.models.fields import AutoFieldMixin
 from django.utils import timezone
@@ -99,7 +99,8 @@ def insert_rows(model: type[Model], rows: list[dict], *, ids: bool = True) -> li
 
 def _stage(cursor, connection, model: type[Model]) -> str:
     """A session temporary table shaped like ``model``'s (no constraints), empty, for COPY then one
-    set-based statement. Named after the column list, so a migrated table gets a fresh one."""
+    set-based statement. Named after the column list, so a migrated table gets a fresh one. Its rows
+    last until the commit: use it inside a transaction."""
     meta = model._meta
     columns = ",".join(f"{f.column}:{f.db_type(connection)}" for f in meta.concrete_fields)
     name = connection.ops.quote_name(f"_stage_{meta.db_table}_{hashlib.sha1(columns.encode()).hexdigest()[:10]}")
@@ -132,7 +133,9 @@ def insert_rows_ignoring_conflicts(model: type[Model], rows: list[dict]) -> None
     fields = _writable(model)
     prepared = _Rows(model, connection, fields)
     columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
-    with connection.cursor() as cursor:
+    # One transaction (none of its own inside the caller's): the stage empties itself at each commit,
+    # so in autocommit the COPY's rows would be gone before the INSERT read them.
+    with transaction.atomic(using=using, savepoint=False), connection.cursor() as cursor:
         stage = _stage(cursor, connection, model)
         _copy_into(cursor, stage, columns, (prepared.values(row) for row in rows))
         cursor.execute(f"INSERT INTO {connection.ops.quote_name(model._meta.db_table)} ({columns}) "
@@ -166,7 +169,7 @@ def update_objects(model: type[Model], objs: list[Model], field_names: list[str]
         return
     prepared = _Rows(model, connection, fields)
     columns = ", ".join(quote(f.column) for f in fields)
-    with connection.cursor() as cursor:
+    with transaction.atomic(using=using, savepoint=False), connection.cursor() as cursor:  # as above
         stage = _stage(cursor, connection, model)
         _copy_into(cursor, stage, f"{pk}, {columns}",
                    ([o.pk, *prepared.values({f.attname: getattr(o, f.attname) for f in fields})] for o in objs))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -30,15 +30,17 @@ class Result:
     label: str = ""
     explanation: str = ""
     span_id: str = ""
+    details: dict = field(default_factory=dict)  # what else the score keeps (a judge's run and model)
 
 
 class EvaluatorError(Exception):
     """An evaluator could not judge the run (bad output of a judge, a refused budget, ...)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, details: dict | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.details = details or {}
 
 
 class Evaluator:
@@ -50,6 +52,10 @@ class Evaluator:
     needs: ClassVar[frozenset[str]] = frozenset()
     # Whether it judges from the stored data alone (no model call): the batch's fast path.
     deterministic: ClassVar[bool] = True
+
+    def version_of(self, config: dict) -> str:
+        """The version its scores are stored under with these settings (a judge's rubric is part of it)."""
+        return self.version
 
     def evaluate(self, facts: RunFacts, config: dict) -> Result | None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -367,3 +373,7 @@ def _json_equal(a: str, b: str) -> bool:
         return json.loads(a) == json.loads(b)
     except ValueError:
         return False
+
+
+# The evaluators that call out, in modules of their own (registered on import).
+from . import judge  # noqa: E402, F401

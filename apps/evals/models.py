@@ -83,6 +83,8 @@ class EvalScore(models.Model):
     explanation = models.TextField(blank=True)
     outcome = models.CharField(max_length=8, choices=Outcome.choices, default=Outcome.SCORED)
     error_code = models.CharField(max_length=64, blank=True)
+    details = models.JSONField(default=dict, blank=True,
+                               help_text="What else the evaluator kept: a judge's model and its own run's id.")
     source = models.CharField(max_length=16, choices=Source.choices)
     config = models.ForeignKey(EvalConfig, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     api_key = models.ForeignKey("projects.ApiKey", null=True, blank=True, on_delete=models.SET_NULL,

@@ -19,7 +19,7 @@ from .models import EvalScore
 logger = logging.getLogger(__name__)
 
 # The fields a score row is written with (besides its keys and its producer).
-RESULT_FIELDS = ("score", "passed", "label", "explanation", "outcome", "error_code")
+RESULT_FIELDS = ("score", "passed", "label", "explanation", "outcome", "error_code", "details")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,10 @@ class Spec:
     @property
     def name(self) -> str:
         return self.evaluator.name
+
+    @property
+    def version(self) -> str:
+        return self.evaluator.version_of(self.config)
 
 
 def specs_of(raw: list[dict]) -> list[Spec]:
@@ -53,7 +57,7 @@ def evaluate(runs: list[Run], specs: list[Spec], producer: dict[str, Any]) -> li
             try:
                 result = spec.evaluator.evaluate(f, spec.config)
             except EvaluatorError as exc:
-                rows.append(_error_row(run, spec, producer, exc.code, exc.message))
+                rows.append(_error_row(run, spec, producer, exc.code, exc.message, exc.details))
                 continue
             except Exception as exc:  # noqa: BLE001 - one evaluator's bug is a visible error, not a crashed batch
                 logger.exception("evaluator %s failed on run %s", spec.name, run.pk)
@@ -62,16 +66,18 @@ def evaluate(runs: list[Run], specs: list[Spec], producer: dict[str, Any]) -> li
             if result is None:
                 continue
             rows.append({"project_id": run.project_id, "run_id": run.pk, "span_id": result.span_id,
-                         "evaluator": spec.name, "version": spec.evaluator.version, "score": result.score,
+                         "evaluator": spec.name, "version": spec.version, "score": result.score,
                          "passed": result.passed, "label": result.label[:100], "explanation": result.explanation,
-                         "outcome": EvalScore.Outcome.SCORED, "error_code": "", **producer})
+                         "outcome": EvalScore.Outcome.SCORED, "error_code": "", "details": result.details,
+                         **producer})
     return rows
 
 
-def _error_row(run: Run, spec: Spec, producer: dict, code: str, message: str) -> dict:
+def _error_row(run: Run, spec: Spec, producer: dict, code: str, message: str, details: dict | None = None) -> dict:
     return {"project_id": run.project_id, "run_id": run.pk, "span_id": "", "evaluator": spec.name,
-            "version": spec.evaluator.version, "score": None, "passed": None, "label": "",
-            "explanation": message[:2000], "outcome": EvalScore.Outcome.ERROR, "error_code": code[:64], **producer}
+            "version": spec.version, "score": None, "passed": None, "label": "",
+            "explanation": message[:2000], "outcome": EvalScore.Outcome.ERROR, "error_code": code[:64],
+            "details": details or {}, **producer}
 
 
 def _key(row: dict) -> tuple:

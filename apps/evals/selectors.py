@@ -14,7 +14,7 @@ def score_json(s: EvalScore) -> dict:
     return {
         "id": s.pk, "evaluator": s.evaluator, "version": s.version, "span_id": s.span_id or None,
         "score": s.score, "label": s.label, "passed": s.passed, "explanation": s.explanation,
-        "outcome": s.outcome, "error_code": s.error_code or None, "source": s.source,
+        "outcome": s.outcome, "error_code": s.error_code or None, "details": s.details, "source": s.source,
         "user": s.user.username if s.user_id else None, "created_at": s.created_at, "updated_at": s.updated_at,
     }
 

@@ -58,6 +58,8 @@ class ScoreOut(serializers.Serializer):
     outcome = serializers.ChoiceField(choices=EvalScore.Outcome.choices,
                                       help_text="error: the evaluator could not judge (error_code says why).")
     error_code = serializers.CharField(allow_null=True)
+    details = serializers.JSONField(help_text="What else the evaluator kept: llm_judge's model and judge_run_id "
+                                              "(the judge's own run, agent evals.llm_judge).")
     source = serializers.ChoiceField(choices=EvalScore.Source.choices)
     user = serializers.CharField(allow_null=True, help_text="The person, for people's feedback.")
     created_at = serializers.DateTimeField()

@@ -29,6 +29,7 @@ from apps.projects.services import audit_change, update_audited
 from apps.traces.models import Run
 
 from . import runner
+from .judge import JUDGE_AGENT
 from .models import HUMAN, EvalConfig, EvalPending, EvalScore
 
 # --- configurations (project admins; audited) -----------------------------------------------------
@@ -86,7 +87,8 @@ AFTER_RUN_STATUSES = (Run.Status.COMPLETED, Run.Status.FAILED, Run.Status.CANCEL
 def after_run_schedule(*, project_id: int, runs: list[Run]) -> None:
     """In the transaction that finished ``runs``: an outbox row per (run, configuration that applies),
     and after commit a task per run (the beat enqueues again whatever this leaves waiting)."""
-    runs = [r for r in runs if r.status in AFTER_RUN_STATUSES]
+    # A judge's own run is not judged in turn (that would call judges forever).
+    runs = [r for r in runs if r.status in AFTER_RUN_STATUSES and r.agent_name != JUDGE_AGENT]
     if not runs:
         return
     config_rows = list(EvalConfig.objects.filter(project_id=project_id, enabled=True))

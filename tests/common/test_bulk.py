@@ -131,3 +131,19 @@ def test_rows_that_carry_their_own_primary_key_are_inserted_with_it(project):
         insert_rows(SpanCost, [{**row, "span_pk": 41}])
     assert insert_rows(SpanCost, [{**row, "span_pk": 41}, {**row, "span_pk": 7, "cost_nanos": None}], ids=False) == []
     assert dict(SpanCost.objects.values_list("span_pk", "cost_nanos")) == {41: 12, 7: None}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outside_any_transaction_the_rows_are_written_all_the_same(project):
+    """The stage empties itself at each commit: in autocommit, each call is its own transaction (it was
+    none, and the COPY's rows were gone before the INSERT or UPDATE read them: nothing written)."""
+    from apps.common.bulk import insert_rows_ignoring_conflicts, update_objects
+
+    now = timezone.now()
+    assert transaction.get_autocommit()
+    insert_rows_ignoring_conflicts(Run, [{"project_id": project.pk, "run_id": "a", "trace_id": "a" * 32,
+                                          "started_at": now}])
+    run = Run.objects.get(run_id="a")
+    run.agent_name = "written"
+    update_objects(Run, [run], ["agent_name"])
+    assert Run.objects.get(run_id="a").agent_name == "written"

@@ -14,7 +14,8 @@ written in one piece.
 Standalone (the benchmark runs it in its own process): python tests/gateway/fake_openai.py --port 8900
 
 The answers are deterministic: a chat completion is the words "tok0 tok1 ..." (`reply_tokens` of them,
-capped by max_tokens), prompt_tokens is the number of words in the messages plus 3 a message, and an
+capped by max_tokens), or `reply_text` when set (its words, split on spaces, so that it comes back as it was
+sent when no cap cuts it; a callable gets the request's body), prompt_tokens is the number of words in the messages plus 3 a message, and an
 embedding is 8 floats derived from a hash of its input.
 """
 from __future__ import annotations
@@ -86,6 +87,8 @@ class FakeOpenAI:
 
     def _set_defaults(self) -> None:
         self.reply_tokens = 5  # words in an answer (before max_tokens caps it)
+        # The answer's text instead of "tok0 tok1 ...": a string, or a callable of the request's body.
+        self.reply_text: str | Callable[[dict[str, Any]], str] | None = None
         self.send_usage = True  # whether a stream that asks for usage (stream_options) gets it
         self.first_token_delay = 0.0  # seconds between the response head and the first word
         self.chunk_delay = 0.0  # seconds before each further word (non-streamed answers wait the sum)
@@ -413,9 +416,11 @@ class FakeOpenAI:
                 writer, 400, _error("max_tokens must be a non-negative integer.", param="max_tokens"),
                 keep_alive=keep)
 
-        n = self.reply_tokens if cap is None else min(self.reply_tokens, cap)
-        finish_reason = "length" if n < self.reply_tokens else "stop"
-        words = [f"tok{k}" for k in range(n)]
+        reply = self.reply_text(body) if callable(self.reply_text) else self.reply_text
+        every = reply.split(" ") if reply is not None else [f"tok{k}" for k in range(self.reply_tokens)]
+        n = len(every) if cap is None else min(len(every), cap)
+        finish_reason = "length" if n < len(every) else "stop"
+        words = every[:n]
         prompt_tokens = sum(_content_words(m.get("content")) + 3 for m in messages)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
         completion_id = f"chatcmpl-fake{next(self._ids)}"
