@@ -10,6 +10,7 @@ added beside them.
 from __future__ import annotations
 
 import json
+import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -99,6 +100,15 @@ def specs_errors(specs: Any) -> list[str]:
         if extra:
             problems.append(f"#{n} ({spec['name']}): {extra}")
     return problems
+
+
+def finite_number(value: Any) -> float | None:
+    """A number as a producer or a model sent it, if it is a finite one (a bool, a string, an int too
+    large for a float, NaN or infinity: None)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value) if abs(value) < 1e300 else None
+    return value if value is not None and math.isfinite(value) else None
 
 
 # --- reading a run's output -----------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import threading
@@ -29,7 +28,7 @@ from rest_framework.exceptions import AuthenticationFailed
 
 from apps.projects.services import api_key_authenticate
 
-from .evaluators import Evaluator, EvaluatorError, Result, output_text, register
+from .evaluators import Evaluator, EvaluatorError, Result, finite_number, output_text, register
 
 JUDGE_AGENT = "evals.llm_judge"
 DEFAULT_KEY_ENV = "EVALS_JUDGE_API_KEY"
@@ -82,12 +81,6 @@ def prompt(run, config: dict) -> list[dict]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n\n".join(parts)}]
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 def parse_verdict(text: str, config: dict) -> Result:
     """The model's answer as a Result, or ``judge_unparseable``. The verdict may sit in a code fence or
     between words; its score must be a number from 0 to 1. Pass or fail: the score against the
@@ -111,7 +104,7 @@ def parse_verdict(text: str, config: dict) -> Result:
     if verdict is None:
         raise EvaluatorError("judge_unparseable", f"The judge's answer holds no JSON verdict: {text[:300]!r}")
     raw_score, said = verdict.get("score"), verdict.get("passed")
-    score = _number(raw_score)
+    score = finite_number(raw_score)
     if raw_score is not None and (score is None or not 0 <= score <= 1):
         raise EvaluatorError("judge_unparseable", f"The verdict's score is not a number from 0 to 1: {raw_score!r}")
     if said is not None and not isinstance(said, bool):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import math
 from datetime import timedelta
 
 from django.conf import settings
@@ -29,6 +28,7 @@ from apps.projects.services import audit_change, update_audited
 from apps.traces.models import Run
 
 from . import runner
+from .evaluators import finite_number
 from .judge import JUDGE_AGENT
 from .models import HUMAN, EvalConfig, EvalPending, EvalScore
 
@@ -238,15 +238,6 @@ def label_passed(label: str | None) -> bool | None:
     return None
 
 
-def _number(value) -> float | None:
-    """A score as a producer sent it, if it is a finite number (anything else: no score, never a failure
-    of the projection)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    value = float(value) if abs(value) < 1e300 else None
-    return value if value is not None and math.isfinite(value) else None
-
-
 def _evaluations(span: dict) -> list:
     details = span.get("details")
     evals = details.get("evaluations") if isinstance(details, dict) else None
@@ -262,7 +253,7 @@ def trace_scores_store(changes) -> None:
         if not evals or (change.before is not None and _evaluations(change.before) == evals):
             continue
         for item in evals:
-            score = _number(item.get("score")) if isinstance(item, dict) else None
+            score = finite_number(item.get("score")) if isinstance(item, dict) else None
             if not isinstance(item, dict) or (score is None and not item.get("label")):
                 continue
             rows.append({"project_id": change.run.project_id, "run_id": change.run.pk, "span_id": change.span_id,
