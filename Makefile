@@ -36,7 +36,7 @@ otlp-grpc: migrate
 	exec $(PY) manage.py otlp_grpc --host 0.0.0.0
 
 beat: $(STAMP)
-	exec $(VENV)/bin/celery -A controlplane beat -l INFO -s $${DATA_DIR:-var}/celerybeat-schedule
+	exec $(VENV)/bin/celery -A controlplane beat -l INFO
 
 ## Realistic agent traffic through the REST API into project "demo" (DEMO_ARGS="--url http://127.0.0.1:8000" to send to a running server).
 demo: migrate

@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "guardian",
     "channels",
+    "django_celery_beat",  # beat's schedule as rows: the built-in sweeps below and the eval jobs' crons
     "controlplane",  # the composition root: its `serve` command wires web + worker + beat + gRPC
     "apps.common",
     "apps.audit",
@@ -162,7 +163,10 @@ CELERY_BEAT_SCHEDULE: dict = {
     "traces-stats-refresh": {"task": "traces.stats_refresh",
                              "schedule": env_int("TRACES_STATS_SWEEP_SECONDS", 60, minimum=1)},
 }
-CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+# Beat keeps its schedule in the database (django-celery-beat): the entries above are written there when
+# beat starts, eval jobs add their crons, and the admin edits them (superusers). No schedule file.
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_TIMEZONE = TIME_ZONE  # an eval job's cron is read in the site's time zone
 
 # --- Auth ------------------------------------------------------------------------------------------
 AUTHENTICATION_BACKENDS = [
@@ -382,3 +386,10 @@ EVALS_SWEEP_SECONDS = env_int("EVALS_SWEEP_SECONDS", 15, minimum=1)
 # judge's timeout (at most 120 s) stays well under EVALS_LEASE_SECONDS.
 EVALS_GATEWAY_URL = env_str("EVALS_GATEWAY_URL", f"{SITE_URL.rstrip('/')}/gateway/v1")
 CELERY_BEAT_SCHEDULE["evals-sweep"] = {"task": "evals.sweep", "schedule": EVALS_SWEEP_SECONDS}
+# Batch jobs over history walk their runs in chunks of EVALS_JOB_CHUNK runs (EVALS_JOB_JUDGE_CHUNK where a
+# job calls a judge), each chunk's scores, cursor and counts committed together under a lease of
+# EVALS_JOB_LEASE_SECONDS (plus each judge's timeout per run of the chunk); the sweep above resumes a job
+# whose worker died once its lease expired, and gives it up after EVALS_MAX_ATTEMPTS claims of one chunk.
+EVALS_JOB_CHUNK = env_int("EVALS_JOB_CHUNK", 1000, minimum=1)
+EVALS_JOB_JUDGE_CHUNK = env_int("EVALS_JOB_JUDGE_CHUNK", 10, minimum=1)
+EVALS_JOB_LEASE_SECONDS = env_float("EVALS_JOB_LEASE_SECONDS", 120, minimum=1)

@@ -116,20 +116,23 @@ def _copy_into(cursor, table: str, columns: str, rows) -> None:
             copy.write_row(row)
 
 
-def insert_rows_ignoring_conflicts(model: type[Model], rows: list[dict]) -> None:
-    """Insert ``rows``, skipping any that a unique constraint already holds (``ON CONFLICT DO NOTHING``).
+def insert_rows_ignoring_conflicts(model: type[Model], rows: list[dict]) -> int:
+    """Insert ``rows``, skipping any that a unique constraint already holds (``ON CONFLICT DO NOTHING``);
+    returns how many were inserted.
 
     On PostgreSQL: COPY into a temporary table, then one ``INSERT … SELECT … ON CONFLICT DO NOTHING``
     (``bulk_create`` with ``ignore_conflicts`` quotes one array per column in Python); elsewhere
     ``bulk_create``."""
     if not rows:
-        return
+        return 0
     _check(model, rows)
     using = router.db_for_write(model)
     connection = connections[using]
     if connection.vendor != "postgresql":
+        connection.ensure_connection()
+        before = connection.connection.total_changes  # SQLite's count of rows written by this connection
         model.objects.using(using).bulk_create([model(**row) for row in rows], ignore_conflicts=True)
-        return
+        return connection.connection.total_changes - before
     fields = _writable(model)
     prepared = _Rows(model, connection, fields)
     columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
@@ -140,7 +143,9 @@ def insert_rows_ignoring_conflicts(model: type[Model], rows: list[dict]) -> None
         _copy_into(cursor, stage, columns, (prepared.values(row) for row in rows))
         cursor.execute(f"INSERT INTO {connection.ops.quote_name(model._meta.db_table)} ({columns}) "
                        f"SELECT {columns} FROM {stage} ON CONFLICT DO NOTHING")
+        inserted = cursor.rowcount
         cursor.execute(f"DELETE FROM {stage}")
+    return inserted
 
 
 def update_objects(model: type[Model], objs: list[Model], field_names: list[str]) -> None:

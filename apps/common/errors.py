@@ -55,6 +55,7 @@ class ErrorCode(models.TextChoices):
     SELF_APPROVAL = "self_approval"
     ALREADY_DECIDED = "already_decided"
     SCORE_EXISTS = "score_exists"
+    JOB_RUNNING = "job_running"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -15,9 +15,18 @@ from apps.common.errors import ErrorCode, ErrorSerializer
 from apps.projects.permissions import PersonOnly, ProjectScopedAPIView, is_agent, project_param, require_scope
 from apps.traces import selectors as traces
 
-from . import selectors, services
-from .models import EvalConfig
-from .serializers import ConfigSerializer, EvaluatorOut, FeedbackIn, ScoreIn, ScoreOut
+from . import jobs, selectors, services
+from .models import EvalConfig, EvalJob, EvalJobRun
+from .serializers import (
+    ConfigSerializer,
+    EvaluatorOut,
+    FeedbackIn,
+    JobRunOut,
+    JobSerializer,
+    JobStartIn,
+    ScoreIn,
+    ScoreOut,
+)
 
 
 class RunScoresView(ProjectScopedAPIView):
@@ -124,3 +133,109 @@ class ConfigDetailView(ProjectScopedAPIView):
         self.require_perm(config.project, "change_project")
         services.config_delete(config=config, actor=request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class JobListView(ProjectScopedAPIView):
+    @extend_schema(summary="A project's eval jobs (batches over history)",
+                   responses={200: JobSerializer(many=True), **ERROR_RESPONSES})
+    def get(self, request, slug: str):
+        require_scope(request, "read")
+        return Response(JobSerializer(selectors.jobs_of_project(self.get_project(slug)), many=True).data)
+
+    @extend_schema(summary="Add an eval job (project admins; audited). With a schedule (a cron line), beat starts "
+                           "its batches.",
+                   request=JobSerializer, responses={201: JobSerializer, **ERROR_RESPONSES})
+    def post(self, request, slug: str):
+        PersonOnly().has_permission(request, self)
+        project = self.get_project(slug)
+        self.require_perm(project, "change_project")
+        ser = JobSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        try:
+            job = jobs.job_create(project=project, actor=request.user, **ser.validated_data)
+        except ValidationError as exc:
+            raise invalid(exc) from None
+        return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED)
+
+
+class _JobView(ProjectScopedAPIView):
+    def _job(self, slug: str, job_id: int) -> EvalJob:
+        return get_object_or_404(EvalJob.objects.select_related("project", "periodic_task__crontab"),
+                                 project=self.get_project(slug), pk=job_id)
+
+
+class JobDetailView(_JobView):
+    @extend_schema(summary="An eval job", responses={200: JobSerializer, **ERROR_RESPONSES})
+    def get(self, request, slug: str, job_id: int):
+        require_scope(request, "read")
+        return Response(JobSerializer(self._job(slug, job_id)).data)
+
+    @extend_schema(summary="Change an eval job (project admins; audited); a batch running keeps what it started "
+                           "with", request=JobSerializer, responses={200: JobSerializer, **ERROR_RESPONSES})
+    def patch(self, request, slug: str, job_id: int):
+        PersonOnly().has_permission(request, self)
+        job = self._job(slug, job_id)
+        self.require_perm(job.project, "change_project")
+        ser = JobSerializer(job, data=request.data, partial=True)
+        ser.is_valid(raise_exception=True)
+        try:
+            job = jobs.job_update(job=job, actor=request.user, **ser.validated_data)
+        except ValidationError as exc:
+            raise invalid(exc) from None
+        return Response(JobSerializer(job).data)
+
+    @extend_schema(summary="Remove an eval job and its schedule (project admins; audited); its scores stay",
+                   responses={204: None, **ERROR_RESPONSES})
+    def delete(self, request, slug: str, job_id: int):
+        PersonOnly().has_permission(request, self)
+        job = self._job(slug, job_id)
+        self.require_perm(job.project, "change_project")
+        jobs.job_delete(job=job, actor=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class JobRunsView(_JobView):
+    @extend_schema(summary="An eval job's batches, newest first, with their progress",
+                   responses={200: JobRunOut(many=True), **ERROR_RESPONSES})
+    def get(self, request, slug: str, job_id: int):
+        require_scope(request, "read")
+        return Response(JobRunOut(selectors.job_runs(self._job(slug, job_id)), many=True).data)
+
+    @extend_schema(summary="Start a batch now (project admins; audited)",
+                   description="Its window defaults to the job's last window_hours. One batch of a job runs at a "
+                               "time: 409 job_running while one does.",
+                   request=JobStartIn, responses={201: JobRunOut, **ERROR_RESPONSES,
+                                                  409: OpenApiResponse(ErrorSerializer, description="job_running")})
+    def post(self, request, slug: str, job_id: int):
+        PersonOnly().has_permission(request, self)
+        job = self._job(slug, job_id)
+        self.require_perm(job.project, "change_project")
+        ser = JobStartIn(data=request.data)
+        ser.is_valid(raise_exception=True)
+        batch = jobs.job_start(job=job, trigger=EvalJobRun.Trigger.MANUAL, actor=request.user,
+                               window_start=ser.validated_data["window_start"],
+                               window_end=ser.validated_data["window_end"])
+        return Response(JobRunOut(selectors.job_run_json(batch)).data, status=status.HTTP_201_CREATED)
+
+
+class _BatchView(_JobView):
+    def _batch(self, slug: str, job_id: int, batch_id: int) -> EvalJobRun:
+        return get_object_or_404(EvalJobRun.objects.select_related("project", "started_by"),
+                                 job=self._job(slug, job_id), pk=batch_id)
+
+
+class JobRunDetailView(_BatchView):
+    @extend_schema(summary="A batch and its progress", responses={200: JobRunOut, **ERROR_RESPONSES})
+    def get(self, request, slug: str, job_id: int, batch_id: int):
+        require_scope(request, "read")
+        return Response(JobRunOut(selectors.job_run_json(self._batch(slug, job_id, batch_id))).data)
+
+
+class JobRunCancelView(_BatchView):
+    @extend_schema(summary="Cancel a running batch (project admins; audited): the chunk in flight stores nothing",
+                   request=None, responses={200: JobRunOut, **ERROR_RESPONSES})
+    def post(self, request, slug: str, job_id: int, batch_id: int):
+        PersonOnly().has_permission(request, self)
+        batch = self._batch(slug, job_id, batch_id)
+        self.require_perm(batch.project, "change_project")
+        return Response(JobRunOut(selectors.job_run_json(jobs.job_cancel(batch=batch, actor=request.user))).data)

@@ -87,6 +87,8 @@ class EvalScore(models.Model):
                                help_text="What else the evaluator kept: a judge's model and its own run's id.")
     source = models.CharField(max_length=16, choices=Source.choices)
     config = models.ForeignKey(EvalConfig, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    job_run = models.ForeignKey("EvalJobRun", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+                                help_text="The batch that scored it.")
     api_key = models.ForeignKey("projects.ApiKey", null=True, blank=True, on_delete=models.SET_NULL,
                                 related_name="+")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
@@ -147,3 +149,161 @@ class EvalPending(models.Model):
 
     def __str__(self) -> str:
         return f"evals of run {self.run_id} ({self.state})"
+
+
+FINISHED_STATUSES = ["completed", "failed", "cancelled"]
+
+
+class EvalJob(models.Model):
+    """A batch over history: evaluators run on the runs a filter picks (agent, version, status, a time
+    window, a sample), started by hand or by a cron schedule that beat keeps (a django-celery-beat
+    ``PeriodicTask`` this row owns, kept in step by the services). Edited by project admins (audited)."""
+
+    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="eval_jobs")
+    name = models.CharField(max_length=100)
+    evaluators = models.JSONField(default=list, help_text='As in an eval configuration: [{"name": "json_valid"}].')
+    agent_pattern = models.CharField(max_length=200, blank=True, help_text="The agents (a glob); empty: every agent.")
+    agent_version = models.CharField(max_length=100, blank=True, help_text="Only this agent version; empty: any.")
+    statuses = models.JSONField(default=list, blank=True,
+                                help_text='The runs\' statuses: ["completed", "failed"]; empty: every finished run '
+                                          '(completed, failed, cancelled).')
+    window_hours = models.PositiveIntegerField(
+        default=24, validators=[MinValueValidator(1), MaxValueValidator(24 * 366)],
+        help_text="The runs started in the last this many hours when a batch starts (a batch started by hand "
+                  "may name its own window).")
+    sample_size = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(1)],
+                                              help_text="At most this many runs, chosen by run id; empty: all.")
+    schedule = models.CharField(max_length=100, blank=True,
+                                help_text='A cron line (minute hour day-of-month month day-of-week, in the site\'s '
+                                          'time zone), e.g. "0 3 * * *"; empty: only when started by hand.')
+    enabled = models.BooleanField(default=True)
+    periodic_task = models.OneToOneField("django_celery_beat.PeriodicTask", null=True, blank=True, editable=False,
+                                         on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = ProjectOwnedQuerySet.as_manager()
+
+    FIELDS = ("name", "evaluators", "agent_pattern", "agent_version", "statuses", "window_hours", "sample_size",
+              "schedule", "enabled")
+
+    class Meta:
+        verbose_name = "eval job"
+        ordering = ["project", "name"]
+        constraints = [models.UniqueConstraint(fields=["project", "name"], name="evals_job_name")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        from .evaluators import specs_errors
+
+        errors = {}
+        problems = specs_errors(self.evaluators)
+        if problems:
+            errors["evaluators"] = problems
+        if not isinstance(self.statuses, list) or any(s not in FINISHED_STATUSES for s in self.statuses):
+            errors["statuses"] = f"A list of: {', '.join(FINISHED_STATUSES)}."
+        if self.schedule:
+            problem = cron_problem(self.schedule)
+            if problem:
+                errors["schedule"] = problem
+        if errors:
+            raise ValidationError(errors)
+
+    def as_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+    def filter_snapshot(self) -> dict:
+        return {"agent_pattern": self.agent_pattern, "agent_version": self.agent_version,
+                "statuses": self.statuses or FINISHED_STATUSES, "sample_size": self.sample_size}
+
+
+def cron_fields(line: str) -> list[str]:
+    return line.split()
+
+
+def cron_problem(line: str) -> str:
+    """What is wrong with a cron line; "" if nothing."""
+    from celery.schedules import crontab
+
+    fields = cron_fields(line)
+    if len(fields) != 5:
+        return "Five fields: minute hour day-of-month month day-of-week (e.g. \"0 3 * * *\")."
+    try:
+        crontab(minute=fields[0], hour=fields[1], day_of_month=fields[2], month_of_year=fields[3],
+                day_of_week=fields[4])
+    except (ValueError, TypeError) as exc:
+        return f"Not a cron line: {exc}"
+    return ""
+
+
+class EvalJobRun(models.Model):
+    """One batch of an eval job: its window, filter and evaluators fixed when it started (a job edited
+    meanwhile changes the next batch, not this one), walked in run-id order from a cursor. Each chunk's
+    scores, the cursor and the counts commit together, under a lease and a generation: a redelivered or
+    stale task finds nothing to claim, a dead worker's batch is resumed from its cursor by the sweep,
+    and a batch run again over the same runs adds no score (unique per run, evaluator and version)."""
+
+    class State(models.TextChoices):
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    class Trigger(models.TextChoices):
+        SCHEDULE = "schedule"
+        MANUAL = "manual", "By hand"
+
+    project = models.ForeignKey("projects.Project", on_delete=models.CASCADE, related_name="+")
+    job = models.ForeignKey(EvalJob, on_delete=models.CASCADE, related_name="runs")
+    trigger = models.CharField(max_length=8, choices=Trigger.choices)
+    started_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    evaluators = models.JSONField(default=list)
+    filter = models.JSONField(default=dict)
+    window_start = models.DateTimeField()
+    window_end = models.DateTimeField()
+    sample_below = models.FloatField(default=1.0, help_text="A run is in the sample when its hash (by job and run "
+                                                             "id, 0..1) is at most this: the sample_size lowest.")
+    first_pk = models.BigIntegerField(default=0, help_text="The window's runs lie in first_pk..last_pk (fixed at the "
+                                                           "start: runs that arrive later are the next batch's).")
+    last_pk = models.BigIntegerField(default=0)
+    cursor = models.BigIntegerField(default=0, help_text="The last run id walked past.")
+    total = models.PositiveIntegerField(default=0, help_text="The window's runs of the statuses asked for.")
+    scanned = models.PositiveIntegerField(default=0)
+    evaluated = models.PositiveIntegerField(default=0, help_text="Runs evaluated (in the sample, the agents asked for).")
+    scores_added = models.PositiveIntegerField(default=0, help_text="Scores stored by this batch (a run scored "
+                                                                    "before adds none).")
+    errors = models.PositiveIntegerField(default=0, help_text="Evaluator errors among them.")
+    chunks = models.PositiveIntegerField(default=0)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.RUNNING)
+    generation = models.PositiveIntegerField(default=0)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0, help_text="Claims of the current chunk.")
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = ProjectOwnedQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "eval job run"
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            # One batch of a job at a time: a schedule firing while the last one still runs starts none.
+            models.UniqueConstraint(fields=["job"], condition=Q(state="running"), name="evals_jobrun_one_running"),
+        ]
+        indexes = [models.Index(fields=["state", "lease_until"], condition=Q(state="running"),
+                                name="evals_jobrun_open")]
+
+    def __str__(self) -> str:
+        return f"{self.job} #{self.pk} ({self.state})"
+
+    @property
+    def progress(self) -> float:
+        if self.state == self.State.SUCCEEDED:
+            return 1.0
+        return min(self.scanned / self.total, 1.0) if self.total else 0.0

@@ -84,20 +84,23 @@ def _key(row: dict) -> tuple:
     return row["run_id"], row["span_id"], row["evaluator"], row["version"]
 
 
-def store(rows: list[dict]) -> None:
+def store(rows: list[dict]) -> int:
     """Write the rows: new ones inserted, those already held left as they are, except an evaluator
-    error that this attempt scored (taken over: its outcome changes from error to scored)."""
+    error that this attempt scored (taken over: its outcome changes from error to scored). Returns how
+    many rows were added or taken over."""
     if not rows:
-        return
-    insert_rows_ignoring_conflicts(EvalScore, rows)
+        return 0
+    added = insert_rows_ignoring_conflicts(EvalScore, rows)
     scored = {_key(r): r for r in rows if r["outcome"] == EvalScore.Outcome.SCORED}
     if not scored:
-        return
+        return added
     errors = list(EvalScore.objects.filter(run_id__in={k[0] for k in scored}, evaluator__in={k[2] for k in scored},
                                            outcome=EvalScore.Outcome.ERROR))
     for held in errors:
         new = scored.get((held.run_id, held.span_id, held.evaluator, held.version))
         if new is not None:
             # Conditional: a concurrent take-over of the same error changes it once.
-            EvalScore.objects.filter(pk=held.pk, outcome=EvalScore.Outcome.ERROR).update(
-                **{f: new[f] for f in RESULT_FIELDS}, source=new["source"], config_id=new.get("config_id"))
+            added += EvalScore.objects.filter(pk=held.pk, outcome=EvalScore.Outcome.ERROR).update(
+                **{f: new[f] for f in RESULT_FIELDS}, source=new["source"], config_id=new.get("config_id"),
+                job_run_id=new.get("job_run_id"))
+    return added

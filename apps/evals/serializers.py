@@ -1,10 +1,12 @@
 """The evals API's inputs and outputs."""
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.core.validators import RegexValidator
 from rest_framework import serializers
 
-from .models import EvalConfig, EvalScore
+from .models import EvalConfig, EvalJob, EvalJobRun, EvalScore
 
 _NO_NUL = RegexValidator(r"^[^\x00]*$", "must not contain NUL.")
 _NAME = RegexValidator(r"^[A-Za-z0-9_.:\-/]+$", "letters, digits and _ . : - / only.")
@@ -82,3 +84,50 @@ class EvaluatorOut(serializers.Serializer):
     description = serializers.CharField()
     deterministic = serializers.BooleanField()
     config_schema = serializers.JSONField()
+
+
+class JobSerializer(serializers.ModelSerializer):
+    evaluators = serializers.JSONField(help_text='[{"name": "json_valid"}, {"name": "llm_judge", "config": {...}}]')
+    statuses = serializers.JSONField(required=False, help_text='["completed", "failed"]; empty: every finished run.')
+    next_run_at = serializers.SerializerMethodField(help_text="When beat starts its next batch (null: by hand only).")
+
+    class Meta:
+        model = EvalJob
+        fields = ["id", "name", "evaluators", "agent_pattern", "agent_version", "statuses", "window_hours",
+                  "sample_size", "schedule", "enabled", "next_run_at", "created_at", "updated_at"]
+        read_only_fields = ["id", "created_at", "updated_at"]
+
+    def get_next_run_at(self, job: EvalJob) -> datetime | None:
+        from .selectors import job_next_run_at
+
+        return job_next_run_at(job)
+
+
+class JobStartIn(serializers.Serializer):
+    window_start = serializers.DateTimeField(required=False, allow_null=True, default=None,
+                                             help_text="Runs started from then; default: window_end − the job's "
+                                                       "window_hours.")
+    window_end = serializers.DateTimeField(required=False, allow_null=True, default=None,
+                                           help_text="Runs started before then; default: now.")
+
+
+class JobRunOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    job = serializers.IntegerField()
+    state = serializers.ChoiceField(choices=EvalJobRun.State.choices)
+    trigger = serializers.ChoiceField(choices=EvalJobRun.Trigger.choices)
+    started_by = serializers.CharField(allow_null=True)
+    evaluators = serializers.JSONField()
+    filter = serializers.JSONField()
+    window_start = serializers.DateTimeField()
+    window_end = serializers.DateTimeField()
+    total = serializers.IntegerField(help_text="The window's runs of the statuses asked for, when it started.")
+    scanned = serializers.IntegerField()
+    evaluated = serializers.IntegerField()
+    scores_added = serializers.IntegerField(help_text="Scores this batch stored (runs scored before add none).")
+    errors = serializers.IntegerField(help_text="Evaluator errors among them.")
+    chunks = serializers.IntegerField()
+    progress = serializers.FloatField(help_text="0..1")
+    last_error = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)

@@ -1,10 +1,11 @@
-"""Celery tasks of the evals: after each run, and the beat's sweep of what waits."""
+"""Celery tasks of the evals: after each run, batch jobs' chunks and crons, and the beat's sweep of
+what waits."""
 from __future__ import annotations
 
 from celery import shared_task
 from django.utils import timezone
 
-from . import services
+from . import jobs, services
 
 
 @shared_task(name="evals.after_run", queue="default", ignore_result=True, acks_late=True,
@@ -17,6 +18,20 @@ def after_run(run_pk: int) -> dict:
     return {k: v for k, v in result.items() if k != "not_before"}
 
 
+@shared_task(name="evals.job_chunk", queue="default", ignore_result=True, acks_late=True,
+             reject_on_worker_lost=True)
+def job_chunk(batch_pk: int) -> dict:
+    """The next chunk of a batch (it enqueues the one after); nothing to claim: nothing done."""
+    return jobs.job_chunk_step(batch_pk=batch_pk)
+
+
+@shared_task(name=jobs.SCHEDULED_TASK, queue="default", ignore_result=True)
+def job_scheduled(job_pk: int) -> int | None:
+    """An eval job's cron fired (beat's ``PeriodicTask``)."""
+    batch = jobs.job_scheduled(job_pk=job_pk)
+    return batch.pk if batch else None
+
+
 @shared_task(name="evals.sweep", queue="default", ignore_result=True)
-def sweep() -> int:
-    return services.pending_sweep()
+def sweep() -> dict:
+    return {"after_run": services.pending_sweep(), "jobs": jobs.job_sweep()}

@@ -127,7 +127,7 @@ def test_the_sweep_enqueues_what_waits_too_long_only(record, config, no_delay, s
     settings.CELERY_TASK_ALWAYS_EAGER = True
     assert services.pending_sweep() == 1
     assert EvalPending.objects.get(run=run).state == "done"
-    assert tasks.sweep() == 0
+    assert tasks.sweep() == {"after_run": 0, "jobs": 0}
 
 
 # --- with real workers (PostgreSQL and Redis: a worker is another process) ----------------------

@@ -20,6 +20,8 @@ CASES = [
      {"priority": "5"}, "gateway.upstream"),
     ("evals/evalconfig", {"name": "quality", "evaluators": '[{"name": "run_succeeded"}]'}, {"sample_rate": "0.5"},
      "evals.config"),
+    ("evals/evaljob", {"name": "nightly", "evaluators": '[{"name": "run_succeeded"}]', "statuses": "[]",
+                       "schedule": "0 3 * * *"}, {"window_hours": "48"}, "evals.job"),
 ]
 
 

@@ -29,6 +29,7 @@ from apps.approvals.models import Approval
 from apps.audit.models import AuditEvent
 from apps.budgets import services as budget_services
 from apps.budgets.models import CostSettings, CostSpike, PriceOverride, Reservation
+from apps.evals import jobs as eval_jobs_services
 from apps.evals import services as eval_services
 from apps.evals.models import EvalPending
 from apps.gateway import services as gateway_services
@@ -213,6 +214,25 @@ MATRIX: dict[tuple[str, str], Endpoint] = {
         body={"sample_rate": 0.5}),
     ("DELETE", f"{PROJECT}/eval-configs/<int:config_id>"): Endpoint(
         PERSON_WRITE, "api/v1/projects/{slug}/eval-configs/{config_id}", perm="change_project"),
+    # evals: batch jobs over history (project admins edit and start them; the batches' progress is read)
+    ("GET", f"{PROJECT}/eval-jobs"): Endpoint(READ, "api/v1/projects/{slug}/eval-jobs", scope="read"),
+    ("POST", f"{PROJECT}/eval-jobs"): Endpoint(PERSON_WRITE, "api/v1/projects/{slug}/eval-jobs", perm="change_project",
+                                               body={"name": "new", "evaluators": [{"name": "run_succeeded"}],
+                                                     "schedule": "0 3 * * *"}),
+    ("GET", f"{PROJECT}/eval-jobs/<int:job_id>"): Endpoint(READ, "api/v1/projects/{slug}/eval-jobs/{job_id}",
+                                                           scope="read"),
+    ("PATCH", f"{PROJECT}/eval-jobs/<int:job_id>"): Endpoint(
+        PERSON_WRITE, "api/v1/projects/{slug}/eval-jobs/{job_id}", perm="change_project", body={"window_hours": 48}),
+    ("DELETE", f"{PROJECT}/eval-jobs/<int:job_id>"): Endpoint(
+        PERSON_WRITE, "api/v1/projects/{slug}/eval-jobs/{job_id}", perm="change_project"),
+    ("GET", f"{PROJECT}/eval-jobs/<int:job_id>/runs"): Endpoint(
+        READ, "api/v1/projects/{slug}/eval-jobs/{busy_job_id}/runs", scope="read"),
+    ("POST", f"{PROJECT}/eval-jobs/<int:job_id>/runs"): Endpoint(
+        PERSON_WRITE, "api/v1/projects/{slug}/eval-jobs/{job_id}/runs", perm="change_project", body={}),
+    ("GET", f"{PROJECT}/eval-jobs/<int:job_id>/runs/<int:batch_id>"): Endpoint(
+        READ, "api/v1/projects/{slug}/eval-jobs/{busy_job_id}/runs/{batch_id}", scope="read"),
+    ("POST", f"{PROJECT}/eval-jobs/<int:job_id>/runs/<int:batch_id>/cancel"): Endpoint(
+        PERSON_WRITE, "api/v1/projects/{slug}/eval-jobs/{busy_job_id}/runs/{batch_id}/cancel", perm="change_project"),
     # OTLP/HTTP: keys only (a person's session is not read there: 401)
     ("POST", "v1/traces"): Endpoint(KEY_WRITE, "v1/traces", scope="ingest", body=_otlp_traces(),
                                     person=(401, "not_authenticated")),
@@ -354,6 +374,13 @@ def world(project, other_project, alice, bob, charlie, make_key, key_client, cli
         eval_services.score_submit(key=type(acme_key).objects.get(project=p, name=f"{p.slug}-all"), run=run_row,
                                    evaluator="matrix.seed", version="1", score=1.0)
         EvalPending.objects.create(project=p, run=run_row, config=eval_configs[p.slug], due_at=timezone.now())
+    eval_jobs, busy_jobs, batches = {}, {}, {}
+    for p in (project, other_project):  # an idle eval job, and one with a batch running
+        eval_jobs[p.slug] = eval_jobs_services.job_create(project=p, actor=None, name=f"{p.slug}-nightly",
+                                                          evaluators=[{"name": "run_succeeded"}])
+        busy_jobs[p.slug] = eval_jobs_services.job_create(project=p, actor=None, name=f"{p.slug}-busy",
+                                                          evaluators=[{"name": "run_succeeded"}])
+        batches[p.slug] = eval_jobs_services.job_start(job=busy_jobs[p.slug], trigger="schedule")
 
     def key(scopes, proj=None) -> APIClient:
         return key_client(make_key(proj or project, scopes=list(scopes), name="probe")[1])
@@ -367,7 +394,8 @@ def world(project, other_project, alice, bob, charlie, make_key, key_client, cli
                 "override_id": overrides["acme"].pk, "budget_id": budgets["acme"].pk,
                 "reservation_id": held.pk, "rule_id": rules["acme"].pk,
                 "approval_id": pending["acme"].public_id, "approved_id": approved["acme"].public_id,
-                "config_id": eval_configs["acme"].pk})
+                "config_id": eval_configs["acme"].pk, "job_id": eval_jobs["acme"].pk,
+                "busy_job_id": busy_jobs["acme"].pk, "batch_id": batches["acme"].pk})
 
 
 def _call(client, method: str, e: Endpoint, world):
@@ -672,6 +700,15 @@ ADMIN_MATRIX: dict[str, AdminEntry] = {
     "evals.EvalConfig": AdminEntry(scoped=True, view_by_role=True),
     "evals.EvalScore": RUN_LOG,
     "evals.EvalPending": RUN_LOG,
+    "evals.EvalJob": AdminEntry(scoped=True, view_by_role=True),
+    "evals.EvalJobRun": RUN_LOG,
+    # beat's schedule (django-celery-beat): superusers and Django's model permissions; a job's cron is
+    # edited on the job (its PeriodicTask follows)
+    "django_celery_beat.PeriodicTask": AdminEntry(scoped=False, note="beat's entries: superusers"),
+    "django_celery_beat.IntervalSchedule": AdminEntry(scoped=False, note="beat's intervals: superusers"),
+    "django_celery_beat.CrontabSchedule": AdminEntry(scoped=False, note="beat's crons: superusers"),
+    "django_celery_beat.SolarSchedule": AdminEntry(scoped=False, note="beat's solar events: superusers"),
+    "django_celery_beat.ClockedSchedule": AdminEntry(scoped=False, note="beat's one-offs: superusers"),
 }
 
 

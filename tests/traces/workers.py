@@ -27,14 +27,24 @@ def start_worker(tmp_path: Path, name: str, *, beat: bool, queues: str = "ingest
     cmd = [sys.executable, "-m", "celery", "-A", "controlplane", "worker", "-Q", queues, "-P", "solo",
            "--without-mingle", "--without-gossip", "-n", f"{name}@%h", "-l", "INFO"]
     if beat:
-        cmd += ["-B", "-s", str(tmp_path / f"beat-{name}")]
+        cmd += ["-B"]  # the DatabaseScheduler: the schedule is rows of the test database
     log = open(tmp_path / f"{name}.log", "wb")
     return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
+def kill_worker(proc: subprocess.Popen) -> None:
+    """SIGKILL the worker and its children (beat runs in a child of its own): no goodbye."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
 def stop_worker(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
+        kill_worker(proc)  # the leader is gone; its children (beat) may not be
         return
     os.killpg(proc.pid, signal.SIGTERM)
     try:

@@ -110,6 +110,6 @@ class Command(BaseCommand):
             without_heartbeat=True,
         )
         threading.Thread(target=worker.start, name="celery-worker", daemon=True).start()
-        beat = EmbeddedService(app, thread=True, schedule_filename=settings.CELERY_BEAT_SCHEDULE_FILENAME)
+        beat = EmbeddedService(app, thread=True, scheduler_cls=settings.CELERY_BEAT_SCHEDULER)
         beat.start()
         return worker, beat
