@@ -4,15 +4,14 @@ cancel; people whose role allows it decide (never a key: ``person_only``); proje
 ASGI, so that a waiting agent holds no thread; here (no ASGI server) the state is answered at once."""
 from __future__ import annotations
 
-from django.core.exceptions import ValidationError
-from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 
-from apps.common.api import ERROR_RESPONSES, invalid, query_params
+from apps.common.api import ERROR_RESPONSES, query_params
 from apps.common.errors import ApiError, ErrorCode, ErrorSerializer
+from apps.projects.edited_api import EditedRowsView, EditedRowView, documented_row, documented_rows
 from apps.projects.permissions import PersonOnly, ProjectScopedAPIView, is_agent, require_scope
 
 from . import selectors, services
@@ -50,61 +49,27 @@ def _cost(d: dict) -> int | None:
 # --- rules (project admins) -----------------------------------------------------------------------
 
 
-class RuleListView(ProjectScopedAPIView):
-    @extend_schema(summary="A project's approval rules, in the order they are tried",
-                   responses={200: RuleSerializer(many=True), **ERROR_RESPONSES})
-    def get(self, request, slug: str):
-        require_scope(request, "read")
-        return Response(RuleSerializer(selectors.rules_of_project(self.get_project(slug)), many=True).data)
+@documented_rows(RuleSerializer, plural="approval rules, in the order they are tried", noun="an approval rule")
+class RuleListView(EditedRowsView):
+    serializer_class = RuleSerializer
 
-    @extend_schema(summary="Add an approval rule (project admins; audited)", request=RuleSerializer,
-                   responses={201: RuleSerializer, **ERROR_RESPONSES})
-    def post(self, request, slug: str):
-        PersonOnly().has_permission(request, self)
-        project = self.get_project(slug)
-        self.require_perm(project, "change_project")
-        ser = RuleSerializer(data=request.data)
-        ser.is_valid(raise_exception=True)
-        try:
-            rule = services.rule_create(project=project, actor=request.user, **ser.validated_data)
-        except ValidationError as exc:
-            raise invalid(exc) from None
-        return Response(RuleSerializer(rule).data, status=status.HTTP_201_CREATED)
+    def rows(self, project):
+        return selectors.rules_of_project(project)
+
+    def create(self, *, project, actor, values):
+        return services.rule_create(project=project, actor=actor, **values)
 
 
-class RuleDetailView(ProjectScopedAPIView):
-    def _get(self, slug: str, rule_id: int) -> ApprovalRule:
-        return get_object_or_404(ApprovalRule.objects.select_related("project"), project=self.get_project(slug),
-                                 pk=rule_id)
+@documented_row(RuleSerializer, noun="an approval rule",
+                changed="; pending approvals keep the rule they were requested under")
+class RuleDetailView(EditedRowView):
+    serializer_class, model, lookup_url_kwarg = RuleSerializer, ApprovalRule, "rule_id"
 
-    @extend_schema(summary="An approval rule", responses={200: RuleSerializer, **ERROR_RESPONSES})
-    def get(self, request, slug: str, rule_id: int):
-        require_scope(request, "read")
-        return Response(RuleSerializer(self._get(slug, rule_id)).data)
+    def update(self, row, *, actor, values):
+        return services.rule_update(rule=row, actor=actor, **values)
 
-    @extend_schema(summary="Change an approval rule (project admins; audited); pending approvals keep the rule "
-                           "they were requested under", request=RuleSerializer,
-                   responses={200: RuleSerializer, **ERROR_RESPONSES})
-    def patch(self, request, slug: str, rule_id: int):
-        PersonOnly().has_permission(request, self)
-        rule = self._get(slug, rule_id)
-        self.require_perm(rule.project, "change_project")
-        ser = RuleSerializer(rule, data=request.data, partial=True)
-        ser.is_valid(raise_exception=True)
-        try:
-            rule = services.rule_update(rule=rule, actor=request.user, **ser.validated_data)
-        except ValidationError as exc:
-            raise invalid(exc) from None
-        return Response(RuleSerializer(rule).data)
-
-    @extend_schema(summary="Remove an approval rule (project admins; audited)",
-                   responses={204: None, **ERROR_RESPONSES})
-    def delete(self, request, slug: str, rule_id: int):
-        PersonOnly().has_permission(request, self)
-        rule = self._get(slug, rule_id)
-        self.require_perm(rule.project, "change_project")
-        services.rule_delete(rule=rule, actor=request.user)
-        return Response(status=status.HTTP_204_NO_CONTENT)
+    def remove(self, row, *, actor):
+        services.rule_delete(rule=row, actor=actor)
 
 
 # --- the agent's side -----------------------------------------------------------------------------

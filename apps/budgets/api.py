@@ -11,6 +11,7 @@ from rest_framework.response import Response
 
 from apps.common.api import ERROR_RESPONSES, invalid, query_params
 from apps.common.errors import ApiError, ErrorCode
+from apps.projects.edited_api import EditedRowsView, EditedRowView, documented_row, documented_rows
 from apps.projects.permissions import PersonOnly, ProjectScopedAPIView, is_agent, project_param, require_scope
 
 from . import ledger, selectors, services
@@ -165,64 +166,35 @@ class CostSettingsView(ProjectScopedAPIView):
 # --- budgets (project admins) ---------------------------------------------------------------------
 
 
-class BudgetListView(ProjectScopedAPIView):
-    @extend_schema(summary="A project's budgets, each with its period in force (spent, held, remaining)",
-                   responses={200: BudgetSerializer(many=True), **ERROR_RESPONSES})
-    def get(self, request, slug: str):
-        require_scope(request, "read")
-        budgets = selectors.budgets_of_project(self.get_project(slug))
-        return Response(BudgetSerializer(budgets, many=True,
-                                         context={"current": selectors.budgets_current(budgets)}).data)
+@documented_rows(BudgetSerializer, plural="budgets, each with its period in force (spent, held, remaining)",
+                 noun="a budget")
+class BudgetListView(EditedRowsView):
+    serializer_class = BudgetSerializer
 
-    @extend_schema(summary="Add a budget (project admins; audited)", request=BudgetSerializer,
-                   responses={201: BudgetSerializer, **ERROR_RESPONSES})
-    def post(self, request, slug: str):
-        PersonOnly().has_permission(request, self)
-        project = self.get_project(slug)
-        self.require_perm(project, "change_project")
-        ser = BudgetSerializer(data=request.data)
-        ser.is_valid(raise_exception=True)
-        try:
-            budget = services.budget_create(project=project, actor=request.user, **ser.validated_data)
-        except ValidationError as exc:
-            raise invalid(exc) from None
-        return Response(BudgetSerializer(budget, context={"current": selectors.budgets_current([budget])}).data,
-                        status=status.HTTP_201_CREATED)
+    def rows(self, project):
+        return selectors.budgets_of_project(project)
+
+    def create(self, *, project, actor, values):
+        return services.budget_create(project=project, actor=actor, **values)
+
+    def output(self, data, *, many=False):
+        rows = data if many else [data]
+        return BudgetSerializer(data, many=many, context={"current": selectors.budgets_current(rows)}).data
 
 
-class BudgetDetailView(ProjectScopedAPIView):
-    def _get(self, slug: str, budget_id: int) -> Budget:
-        return get_object_or_404(Budget.objects.select_related("project"), project=self.get_project(slug),
-                                 pk=budget_id)
+@documented_row(BudgetSerializer, noun="a budget", shown=" and its period in force",
+                changed=". A new cap applies to the next reservation, in the period in force.")
+class BudgetDetailView(EditedRowView):
+    serializer_class, model, lookup_url_kwarg = BudgetSerializer, Budget, "budget_id"
 
-    @extend_schema(summary="A budget and its period in force", responses={200: BudgetSerializer, **ERROR_RESPONSES})
-    def get(self, request, slug: str, budget_id: int):
-        require_scope(request, "read")
-        budget = self._get(slug, budget_id)
-        return Response(BudgetSerializer(budget, context={"current": selectors.budgets_current([budget])}).data)
+    def update(self, row, *, actor, values):
+        return services.budget_update(budget=row, actor=actor, **values)
 
-    @extend_schema(summary="Change a budget (project admins; audited). A new cap applies to the next "
-                           "reservation, in the period in force.", request=BudgetSerializer,
-                   responses={200: BudgetSerializer, **ERROR_RESPONSES})
-    def patch(self, request, slug: str, budget_id: int):
-        PersonOnly().has_permission(request, self)
-        budget = self._get(slug, budget_id)
-        self.require_perm(budget.project, "change_project")
-        ser = BudgetSerializer(budget, data=request.data, partial=True)
-        ser.is_valid(raise_exception=True)
-        try:
-            budget = services.budget_update(budget=budget, actor=request.user, **ser.validated_data)
-        except ValidationError as exc:
-            raise invalid(exc) from None
-        return Response(BudgetSerializer(budget, context={"current": selectors.budgets_current([budget])}).data)
+    def remove(self, row, *, actor):
+        services.budget_delete(budget=row, actor=actor)
 
-    @extend_schema(summary="Remove a budget (project admins; audited)", responses={204: None, **ERROR_RESPONSES})
-    def delete(self, request, slug: str, budget_id: int):
-        PersonOnly().has_permission(request, self)
-        budget = self._get(slug, budget_id)
-        self.require_perm(budget.project, "change_project")
-        services.budget_delete(budget=budget, actor=request.user)
-        return Response(status=status.HTTP_204_NO_CONTENT)
+    def output(self, row):
+        return BudgetSerializer(row, context={"current": selectors.budgets_current([row])}).data
 
 
 # --- reservations (the call boundary: agent keys with the budget scope) ----------------------------

@@ -3,15 +3,15 @@ scope), people's feedback (roles holding ``score_project``; never a key), the af
 configurations (project admins; audited) and the evaluator registry."""
 from __future__ import annotations
 
-from django.core.exceptions import ValidationError
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 
-from apps.common.api import ERROR_RESPONSES, invalid
+from apps.common.api import ERROR_RESPONSES
 from apps.common.errors import ErrorCode, ErrorSerializer
+from apps.projects.edited_api import EditedRowsView, EditedRowView, documented_row, documented_rows
 from apps.projects.permissions import PersonOnly, ProjectScopedAPIView, is_agent, project_param, require_scope
 from apps.traces import selectors as traces
 
@@ -79,119 +79,63 @@ class EvaluatorListView(ProjectScopedAPIView):
         return Response(EvaluatorOut(selectors.registry(), many=True).data)
 
 
-class ConfigListView(ProjectScopedAPIView):
-    @extend_schema(summary="A project's after-run eval configurations",
-                   responses={200: ConfigSerializer(many=True), **ERROR_RESPONSES})
-    def get(self, request, slug: str):
-        require_scope(request, "read")
-        return Response(ConfigSerializer(selectors.configs_of_project(self.get_project(slug)), many=True).data)
+@documented_rows(ConfigSerializer, plural="after-run eval configurations", noun="an after-run eval configuration")
+class ConfigListView(EditedRowsView):
+    serializer_class = ConfigSerializer
 
-    @extend_schema(summary="Add an after-run eval configuration (project admins; audited)",
-                   request=ConfigSerializer, responses={201: ConfigSerializer, **ERROR_RESPONSES})
-    def post(self, request, slug: str):
-        PersonOnly().has_permission(request, self)
-        project = self.get_project(slug)
-        self.require_perm(project, "change_project")
-        ser = ConfigSerializer(data=request.data)
-        ser.is_valid(raise_exception=True)
-        try:
-            config = services.config_create(project=project, actor=request.user, **ser.validated_data)
-        except ValidationError as exc:
-            raise invalid(exc) from None
-        return Response(ConfigSerializer(config).data, status=status.HTTP_201_CREATED)
+    def rows(self, project):
+        return selectors.configs_of_project(project)
+
+    def create(self, *, project, actor, values):
+        return services.config_create(project=project, actor=actor, **values)
 
 
-class ConfigDetailView(ProjectScopedAPIView):
-    def _get(self, slug: str, config_id: int) -> EvalConfig:
-        return get_object_or_404(EvalConfig.objects.select_related("project"), project=self.get_project(slug),
-                                 pk=config_id)
+@documented_row(ConfigSerializer, noun="an after-run eval configuration")
+class ConfigDetailView(EditedRowView):
+    serializer_class, model, lookup_url_kwarg = ConfigSerializer, EvalConfig, "config_id"
 
-    @extend_schema(summary="An after-run eval configuration", responses={200: ConfigSerializer, **ERROR_RESPONSES})
-    def get(self, request, slug: str, config_id: int):
-        require_scope(request, "read")
-        return Response(ConfigSerializer(self._get(slug, config_id)).data)
+    def update(self, row, *, actor, values):
+        return services.config_update(config=row, actor=actor, **values)
 
-    @extend_schema(summary="Change an after-run eval configuration (project admins; audited)",
-                   request=ConfigSerializer, responses={200: ConfigSerializer, **ERROR_RESPONSES})
-    def patch(self, request, slug: str, config_id: int):
-        PersonOnly().has_permission(request, self)
-        config = self._get(slug, config_id)
-        self.require_perm(config.project, "change_project")
-        ser = ConfigSerializer(config, data=request.data, partial=True)
-        ser.is_valid(raise_exception=True)
-        try:
-            config = services.config_update(config=config, actor=request.user, **ser.validated_data)
-        except ValidationError as exc:
-            raise invalid(exc) from None
-        return Response(ConfigSerializer(config).data)
-
-    @extend_schema(summary="Remove an after-run eval configuration (project admins; audited)",
-                   responses={204: None, **ERROR_RESPONSES})
-    def delete(self, request, slug: str, config_id: int):
-        PersonOnly().has_permission(request, self)
-        config = self._get(slug, config_id)
-        self.require_perm(config.project, "change_project")
-        services.config_delete(config=config, actor=request.user)
-        return Response(status=status.HTTP_204_NO_CONTENT)
+    def remove(self, row, *, actor):
+        services.config_delete(config=row, actor=actor)
 
 
-class JobListView(ProjectScopedAPIView):
-    @extend_schema(summary="A project's eval jobs (batches over history)",
-                   responses={200: JobSerializer(many=True), **ERROR_RESPONSES})
-    def get(self, request, slug: str):
-        require_scope(request, "read")
-        return Response(JobSerializer(selectors.jobs_of_project(self.get_project(slug)), many=True).data)
+def _job(view: ProjectScopedAPIView, slug: str, job_id: int) -> EvalJob:
+    return get_object_or_404(EvalJob.objects.select_related("project", "periodic_task__crontab"),
+                             project=view.get_project(slug), pk=job_id)
 
-    @extend_schema(summary="Add an eval job (project admins; audited). With a schedule (a cron line), beat starts "
-                           "its batches.",
-                   request=JobSerializer, responses={201: JobSerializer, **ERROR_RESPONSES})
-    def post(self, request, slug: str):
-        PersonOnly().has_permission(request, self)
-        project = self.get_project(slug)
-        self.require_perm(project, "change_project")
-        ser = JobSerializer(data=request.data)
-        ser.is_valid(raise_exception=True)
-        try:
-            job = jobs.job_create(project=project, actor=request.user, **ser.validated_data)
-        except ValidationError as exc:
-            raise invalid(exc) from None
-        return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED)
+
+@documented_rows(JobSerializer, plural="eval jobs (batches over history)", noun="an eval job",
+                 added="; with a schedule (a cron line), beat starts its batches")
+class JobListView(EditedRowsView):
+    serializer_class = JobSerializer
+
+    def rows(self, project):
+        return selectors.jobs_of_project(project)
+
+    def create(self, *, project, actor, values):
+        return jobs.job_create(project=project, actor=actor, **values)
+
+
+@documented_row(JobSerializer, noun="an eval job", changed="; a batch running keeps what it started with",
+                removed="; its schedule goes with it, its scores stay")
+class JobDetailView(EditedRowView):
+    serializer_class, model, lookup_url_kwarg = JobSerializer, EvalJob, "job_id"
+
+    def get_row(self, slug, row_id):
+        return _job(self, slug, row_id)
+
+    def update(self, row, *, actor, values):
+        return jobs.job_update(job=row, actor=actor, **values)
+
+    def remove(self, row, *, actor):
+        jobs.job_delete(job=row, actor=actor)
 
 
 class _JobView(ProjectScopedAPIView):
     def _job(self, slug: str, job_id: int) -> EvalJob:
-        return get_object_or_404(EvalJob.objects.select_related("project", "periodic_task__crontab"),
-                                 project=self.get_project(slug), pk=job_id)
-
-
-class JobDetailView(_JobView):
-    @extend_schema(summary="An eval job", responses={200: JobSerializer, **ERROR_RESPONSES})
-    def get(self, request, slug: str, job_id: int):
-        require_scope(request, "read")
-        return Response(JobSerializer(self._job(slug, job_id)).data)
-
-    @extend_schema(summary="Change an eval job (project admins; audited); a batch running keeps what it started "
-                           "with", request=JobSerializer, responses={200: JobSerializer, **ERROR_RESPONSES})
-    def patch(self, request, slug: str, job_id: int):
-        PersonOnly().has_permission(request, self)
-        job = self._job(slug, job_id)
-        self.require_perm(job.project, "change_project")
-        ser = JobSerializer(job, data=request.data, partial=True)
-        ser.is_valid(raise_exception=True)
-        try:
-            job = jobs.job_update(job=job, actor=request.user, **ser.validated_data)
-        except ValidationError as exc:
-            raise invalid(exc) from None
-        return Response(JobSerializer(job).data)
-
-    @extend_schema(summary="Remove an eval job and its schedule (project admins; audited); its scores stay",
-                   responses={204: None, **ERROR_RESPONSES})
-    def delete(self, request, slug: str, job_id: int):
-        PersonOnly().has_permission(request, self)
-        job = self._job(slug, job_id)
-        self.require_perm(job.project, "change_project")
-        jobs.job_delete(job=job, actor=request.user)
-        return Response(status=status.HTTP_204_NO_CONTENT)
+        return _job(self, slug, job_id)
 
 
 class JobRunsView(_JobView):
