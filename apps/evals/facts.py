@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from django.db import connection
 from django.db.models import Count, F, Q, Window
+from django.db.models.fields.json import KeyTransform
 from django.db.models.functions import RowNumber
 
 from apps.traces import selectors as traces
@@ -67,12 +69,17 @@ def _tools(facts: dict[int, RunFacts]) -> None:
 
 
 def _last_llm(facts: dict[int, RunFacts]) -> None:
-    rows = (Span.objects.filter(run_id__in=list(facts), kind="llm")
-            .annotate(rank=Window(RowNumber(), partition_by=[F("run_id")], order_by=[F("start_time").desc(),
-                                                                                      F("id").desc()]))
-            .filter(rank=1).values("run_id", "span_id", "status", "output_messages", "attributes"))
+    spans = Span.objects.filter(run_id__in=list(facts), kind="llm")
+    if connection.vendor == "postgresql":  # DISTINCT ON: one pass over the sorted spans, no window
+        spans = spans.order_by("run_id", "-start_time", "-id").distinct("run_id")
+    else:
+        spans = (spans.annotate(rank=Window(RowNumber(), partition_by=[F("run_id")],
+                                            order_by=[F("start_time").desc(), F("id").desc()])).filter(rank=1))
+    # Only the attribute read, not the span's whole attribute map.
+    rows = spans.values("run_id", "span_id", "status", "output_messages",
+                        reasons=KeyTransform("gen_ai.response.finish_reasons", "attributes"))
     for row in rows:
-        reasons = (row["attributes"] or {}).get("gen_ai.response.finish_reasons")
+        reasons = row["reasons"]
         facts[row["run_id"]].last_llm = {
             "span_id": row["span_id"], "status": row["status"], "output_messages": row["output_messages"] or [],
             "finish_reason": str(reasons[-1] if isinstance(reasons, list) and reasons else reasons or "").lower()}
