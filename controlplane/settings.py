@@ -393,3 +393,8 @@ CELERY_BEAT_SCHEDULE["evals-sweep"] = {"task": "evals.sweep", "schedule": EVALS_
 EVALS_JOB_CHUNK = env_int("EVALS_JOB_CHUNK", 1000, minimum=1)
 EVALS_JOB_JUDGE_CHUNK = env_int("EVALS_JOB_JUDGE_CHUNK", 10, minimum=1)
 EVALS_JOB_LEASE_SECONDS = env_float("EVALS_JOB_LEASE_SECONDS", 120, minimum=1)
+# Regressions (evals.regressions): a drop of the pass rate or the mean score of at least EVALS_REGRESSION_MIN_DROP,
+# with EVALS_REGRESSION_MIN_RUNS scored runs on each side, significant at EVALS_REGRESSION_ALPHA (one-sided).
+EVALS_REGRESSION_MIN_RUNS = env_int("EVALS_REGRESSION_MIN_RUNS", 20, minimum=2)
+EVALS_REGRESSION_MIN_DROP = env_float("EVALS_REGRESSION_MIN_DROP", 0.05, minimum=0)
+EVALS_REGRESSION_ALPHA = env_float("EVALS_REGRESSION_ALPHA", 0.05, minimum=0)

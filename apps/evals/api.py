@@ -9,13 +9,13 @@ from rest_framework import status
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 
-from apps.common.api import ERROR_RESPONSES
+from apps.common.api import ERROR_RESPONSES, query_params
 from apps.common.errors import ErrorCode, ErrorSerializer
 from apps.projects.edited_api import EditedRowsView, EditedRowView, documented_row, documented_rows
 from apps.projects.permissions import PersonOnly, ProjectScopedAPIView, is_agent, project_param, require_scope
 from apps.traces import selectors as traces
 
-from . import jobs, selectors, services
+from . import jobs, regressions, selectors, services
 from .models import EvalConfig, EvalJob, EvalJobRun
 from .serializers import (
     ConfigSerializer,
@@ -24,6 +24,8 @@ from .serializers import (
     JobRunOut,
     JobSerializer,
     JobStartIn,
+    RegressionOut,
+    RegressionQuery,
     ScoreIn,
     ScoreOut,
 )
@@ -183,3 +185,22 @@ class JobRunCancelView(_BatchView):
         batch = self._batch(slug, job_id, batch_id)
         self.require_perm(batch.project, "change_project")
         return Response(JobRunOut(selectors.job_run_json(jobs.job_cancel(batch=batch, actor=request.user))).data)
+
+
+class RegressionsView(ProjectScopedAPIView):
+    @extend_schema(summary="Regressions: per agent and evaluator, a window or the newest agent version against a "
+                           "baseline (mean score, pass rate, counts, significance), flagged first",
+                   parameters=[RegressionQuery], responses={200: RegressionOut(many=True), **ERROR_RESPONSES})
+    def get(self, request, slug: str):
+        require_scope(request, "read")
+        project = self.get_project(slug)
+        q = query_params(RegressionQuery, request)
+        filters = {"agent": q.get("agent"), "evaluator": q.get("evaluator")}
+        if q["by"] == "version":
+            items = regressions.by_version([project.pk], days=q["days"], **filters)
+        else:
+            items = regressions.by_window([project.pk], window_hours=q["window_hours"],
+                                          baseline_days=q["baseline_days"], **filters)
+        if q["flagged"] is not None:
+            items = [i for i in items if i["flagged"] == q["flagged"]]
+        return Response(RegressionOut(items, many=True).data)

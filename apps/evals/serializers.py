@@ -131,3 +131,45 @@ class JobRunOut(serializers.Serializer):
     last_error = serializers.CharField()
     created_at = serializers.DateTimeField()
     finished_at = serializers.DateTimeField(allow_null=True)
+
+
+class RegressionQuery(serializers.Serializer):
+    by = serializers.ChoiceField(choices=["window", "version"], default="window",
+                                 help_text="window: the last window_hours against the baseline_days before them; "
+                                           "version: each agent's newest version against the one before (last days)")
+    window_hours = serializers.IntegerField(min_value=1, max_value=24 * 90, default=24)
+    baseline_days = serializers.IntegerField(min_value=1, max_value=366, default=7)
+    days = serializers.IntegerField(min_value=1, max_value=366, default=30)
+    agent = serializers.CharField(max_length=200, required=False, validators=[_NO_NUL])
+    evaluator = serializers.CharField(max_length=100, required=False, validators=[_NO_NUL])
+    flagged = serializers.BooleanField(required=False, allow_null=True, default=None,
+                                       help_text="true: only the comparisons flagged as regressions")
+
+
+class RegressionSideOut(serializers.Serializer):
+    label = serializers.CharField(help_text="baseline / current, or the agent version")
+    runs = serializers.IntegerField()
+    mean = serializers.FloatField(allow_null=True)
+    pass_rate = serializers.FloatField(allow_null=True)
+    judged = serializers.IntegerField(help_text="Runs with a pass/fail.")
+    passed = serializers.IntegerField()
+
+
+class RegressionOut(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=["window", "version"])
+    agent = serializers.CharField()
+    evaluator = serializers.CharField()
+    evaluator_version = serializers.CharField(allow_null=True, help_text="null for people's feedback (human).")
+    baseline_from = serializers.DateTimeField(allow_null=True, help_text="window: where the baseline begins.")
+    current_from = serializers.DateTimeField(allow_null=True, help_text="window: where the current window begins.")
+    baseline_version = serializers.CharField(allow_null=True, help_text="version: the agent version before.")
+    current_version = serializers.CharField(allow_null=True, help_text="version: the agent's newest version.")
+    baseline = RegressionSideOut()
+    current = RegressionSideOut()
+    enough_runs = serializers.BooleanField(help_text="Both sides hold EVALS_REGRESSION_MIN_RUNS scored runs.")
+    flagged = serializers.BooleanField()
+    reasons = serializers.ListField(child=serializers.ChoiceField(choices=["pass_rate", "mean"]))
+    pass_rate_drop = serializers.FloatField(allow_null=True)
+    pass_rate_p = serializers.FloatField(allow_null=True, help_text="One-sided two-proportion z-test.")
+    mean_drop = serializers.FloatField(allow_null=True)
+    mean_p = serializers.FloatField(allow_null=True, help_text="One-sided Welch test (normal approximation).")

@@ -9,6 +9,7 @@ urlpatterns = [
     path("projects/<slug:slug>/eval-configs", api.ConfigListView.as_view(), name="eval-configs"),
     path("projects/<slug:slug>/eval-configs/<int:config_id>", api.ConfigDetailView.as_view(),
          name="eval-config-detail"),
+    path("projects/<slug:slug>/eval-regressions", api.RegressionsView.as_view(), name="eval-regressions"),
     path("projects/<slug:slug>/eval-jobs", api.JobListView.as_view(), name="eval-jobs"),
     path("projects/<slug:slug>/eval-jobs/<int:job_id>", api.JobDetailView.as_view(), name="eval-job-detail"),
     path("projects/<slug:slug>/eval-jobs/<int:job_id>/runs", api.JobRunsView.as_view(), name="eval-job-runs"),

@@ -214,6 +214,7 @@ MATRIX: dict[tuple[str, str], Endpoint] = {
         body={"sample_rate": 0.5}),
     ("DELETE", f"{PROJECT}/eval-configs/<int:config_id>"): Endpoint(
         PERSON_WRITE, "api/v1/projects/{slug}/eval-configs/{config_id}", perm="change_project"),
+    ("GET", f"{PROJECT}/eval-regressions"): Endpoint(READ, "api/v1/projects/{slug}/eval-regressions", scope="read"),
     # evals: batch jobs over history (project admins edit and start them; the batches' progress is read)
     ("GET", f"{PROJECT}/eval-jobs"): Endpoint(READ, "api/v1/projects/{slug}/eval-jobs", scope="read"),
     ("POST", f"{PROJECT}/eval-jobs"): Endpoint(PERSON_WRITE, "api/v1/projects/{slug}/eval-jobs", perm="change_project",
