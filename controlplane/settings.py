@@ -220,6 +220,8 @@ SPECTACULAR_SETTINGS = {
         "SpanStatusEnum": "apps.traces.models.SpanStatus",
         "RunStartStatusEnum": "apps.traces.records.RUN_START_STATUSES",
         "RunFinishStatusEnum": "apps.traces.records.RUN_FINISH_STATUSES",
+        "SpanKindEnum": "apps.traces.models.SpanKind",
+        "RegressionKindEnum": "apps.evals.regressions.REGRESSION_KINDS",
     },
 }
 

@@ -16,11 +16,13 @@ from django.template.loader import render_to_string
 
 from apps.approvals import live as approvals_live
 from apps.budgets import live as budgets_live
+from apps.evals import live as evals_live
 from apps.projects.access import ProjectAccess, project_access
 from apps.projects.models import SLUG_RE, Project
 from apps.traces import selectors as traces
 
 from . import filters
+from .views.runs import with_scores
 
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
@@ -120,6 +122,7 @@ class RunListConsumer(LiveConsumer):
         if run is None:
             return {"type": "remove", "key": event["run_pk"]}
         show_project = access.everything or len(access.roles) != 1
+        with_scores([run])
         return {"type": "row", "key": run.pk,
                 "html": render_to_string("dashboard/_run_row.html", {"run": run, "show_project": show_project})}
 
@@ -163,6 +166,23 @@ class InboxConsumer(LiveConsumer):
         return {"type": "changed", "approval": event["state"]} if _sees(self.access(), event["project_id"]) else None
 
     async def approval_changed(self, event):
+        await self.run_updated(event)
+
+
+class EvalsConsumer(LiveConsumer):
+    """``/ws/evals/?project=``: a nudge whenever a batch of a visible project moves (a chunk committed, it
+    finished, failed or was cancelled); the evals page re-reads its batches."""
+
+    def subscribe(self):
+        access = self.narrowed_access()
+        if access is None:
+            return None
+        return [evals_live.project_group(pid) for pid in self.project_ids(access)]
+
+    def message(self, event):
+        return {"type": "changed", "state": event["state"]} if _sees(self.access(), event["project_id"]) else None
+
+    async def evals_job_progress(self, event):
         await self.run_updated(event)
 
 

@@ -17,6 +17,7 @@ NAV: list[NavEntry] = [
     NavEntry("runs", "Runs", "dashboard:runs"),
     NavEntry("agents", "Agents", "dashboard:agents"),
     NavEntry("costs", "Costs", "dashboard:costs"),
+    NavEntry("evals", "Evals", "dashboard:evals"),
     NavEntry("approvals", "Approvals", "dashboard:approvals"),
     NavEntry("audit", "Audit log", "dashboard:audit"),
 ]

@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from apps.approvals import selectors as approvals
 from apps.budgets import selectors as budgets
+from apps.evals import selectors as evals
 from apps.traces import selectors as traces
 
 from . import svg
@@ -81,11 +82,21 @@ def _approvals(access, project_slug):
          "overdue": a.overdue_at is not None and a.overdue_at <= now} for a in oldest]}
 
 
+def _regressions(access, project_slug):
+    """Evaluators whose pass rate or mean score fell significantly in the last day against the week
+    before it (``evals.regressions``), the largest drop first."""
+    items = evals.regressions_of(principal=access, project_slug=project_slug)
+    flagged = [i for i in items if i["flagged"]]
+    return {"regressions": flagged[:TILE_ROWS], "regressions_count": len(flagged),
+            "regressions_compared": len(items)}
+
+
 TILES: list[Tile] = [
     Tile("runs", "dashboard/tiles/runs.html", _runs),
     Tile("spend", "dashboard/tiles/spend.html", _spend),
     Tile("budgets", "dashboard/tiles/budgets.html", _budgets),
     Tile("approvals", "dashboard/tiles/approvals.html", _approvals),
+    Tile("regressions", "dashboard/tiles/regressions.html", _regressions),
     Tile("spikes", "dashboard/tiles/spikes.html", _spikes),
     Tile("unpriced", "dashboard/tiles/unpriced.html", _unpriced),
 ]

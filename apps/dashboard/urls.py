@@ -1,7 +1,7 @@
 """The product's pages (``/``): each route is a thin view over another app's selectors."""
 from django.urls import path
 
-from .views import agents, approvals, audit, auth, costs, overview, runs, sessions
+from .views import agents, approvals, audit, auth, costs, evals, overview, runs, sessions
 
 app_name = "dashboard"
 
@@ -23,6 +23,8 @@ urlpatterns = [
     # approvals: the inbox and one approval
     path("approvals/", approvals.ApprovalInboxPage.as_view(), name="approvals"),
     path("approvals/<slug:project>/<str:approval_id>/", approvals.ApprovalPage.as_view(), name="approval"),
+    # evals: regressions, quality by agent, batches
+    path("evals/", evals.EvalsPage.as_view(), name="evals"),
     # audit log page
     path("audit/", audit.AuditLogPage.as_view(), name="audit"),
     path("audit/export.<str:fmt>", audit.AuditExport.as_view(), name="audit-export"),

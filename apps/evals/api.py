@@ -15,7 +15,7 @@ from apps.projects.edited_api import EditedRowsView, EditedRowView, documented_r
 from apps.projects.permissions import PersonOnly, ProjectScopedAPIView, is_agent, project_param, require_scope
 from apps.traces import selectors as traces
 
-from . import jobs, regressions, selectors, services
+from . import jobs, selectors, services
 from .models import EvalConfig, EvalJob, EvalJobRun
 from .serializers import (
     ConfigSerializer,
@@ -195,12 +195,10 @@ class RegressionsView(ProjectScopedAPIView):
         require_scope(request, "read")
         project = self.get_project(slug)
         q = query_params(RegressionQuery, request)
-        filters = {"agent": q.get("agent"), "evaluator": q.get("evaluator")}
-        if q["by"] == "version":
-            items = regressions.by_version([project.pk], days=q["days"], **filters)
-        else:
-            items = regressions.by_window([project.pk], window_hours=q["window_hours"],
-                                          baseline_days=q["baseline_days"], **filters)
+        options = {"agent": q.get("agent"), "evaluator": q.get("evaluator")} | (
+            {"days": q["days"]} if q["by"] == "version"
+            else {"window_hours": q["window_hours"], "baseline_days": q["baseline_days"]})
+        items = selectors.regressions_of(principal=self.access, project_slug=project.slug, by=q["by"], **options)
         if q["flagged"] is not None:
             items = [i for i in items if i["flagged"] == q["flagged"]]
         return Response(RegressionOut(items, many=True).data)

@@ -31,23 +31,17 @@ from django.db.models import Count, F, Max, Min, Q
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, PeriodicTask
 
-from apps.common import live
 from apps.common.errors import ApiError, ErrorCode
 from apps.projects.models import Project
 from apps.projects.services import audit_change, update_audited
 from apps.traces.models import Run
 
-from . import runner
+from . import live, runner
 from .models import EvalJob, EvalJobRun, EvalScore, cron_fields
 
 logger = logging.getLogger(__name__)
 
 SCHEDULED_TASK = "evals.job_scheduled"
-
-
-def project_group(project_id: int) -> str:
-    """The live group of a project's evals (batch progress)."""
-    return f"evals.project.{project_id}"
 
 
 # --- jobs (project admins; audited) ----------------------------------------------------------------
@@ -194,7 +188,7 @@ def job_cancel(*, batch: EvalJobRun, actor) -> EvalJobRun:
             generation=F("generation") + 1):
         batch.refresh_from_db()
         audit_change(actor, batch.project, "evals.job_cancelled", batch, after={"scanned": batch.scanned})
-        _publish(batch)
+        live.publish_progress(batch)
     else:
         batch.refresh_from_db()
     return batch
@@ -205,13 +199,6 @@ def _enqueue(batch_pk: int, lease: float) -> None:
     from .tasks import job_chunk
 
     job_chunk.apply_async((batch_pk,), time_limit=lease + 30, soft_time_limit=lease + 20)
-
-
-def _publish(batch: EvalJobRun) -> None:
-    message = {"type": "evals.job_progress", "job_run_pk": batch.pk, "job_pk": batch.job_id,
-               "project_id": batch.project_id, "state": batch.state, "scanned": batch.scanned, "total": batch.total,
-               "evaluated": batch.evaluated, "scores_added": batch.scores_added, "errors": batch.errors}
-    transaction.on_commit(lambda: live.publish(project_group(batch.project_id), message), robust=True)
 
 
 # --- a chunk -------------------------------------------------------------------------------------------
@@ -277,7 +264,7 @@ def job_chunk_step(*, batch_pk: int, now=None) -> dict:
             last_error=f"given up after {settings.EVALS_MAX_ATTEMPTS} attempts at the chunk after run id "
                        f"{batch.cursor} (a worker died or failed each time)")
         batch.refresh_from_db()
-        _publish(batch)
+        live.publish_progress(batch)
         return {"claimed": True, "failed": True}
 
     flt = batch.filter
@@ -306,7 +293,7 @@ def job_chunk_step(*, batch_pk: int, now=None) -> dict:
                                              state=EvalJobRun.State.RUNNING).update(**changes):
                 raise _Stale
             batch.refresh_from_db()
-            _publish(batch)
+            live.publish_progress(batch)
             if not done:
                 transaction.on_commit(lambda: _enqueue(batch_pk, lease), robust=True)
     except _Stale:

@@ -17,10 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db.models import Avg, Case, CharField, Count, F, Max, Min, Q, StdDev, Value, When
+from django.db.models import Avg, Case, CharField, Count, F, Max, Min, Q, Sum, Value, When
 from django.utils import timezone
 
 from .models import HUMAN, EvalScore
+
+# What a comparison sets against what: a window against the days before it, or a version against the one before.
+REGRESSION_KINDS = ("window", "version")
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,8 @@ def compare(base: Side, cur: Side) -> dict:
     return out
 
 
-def _scores(project_ids, *, since: datetime, agent: str | None, evaluator: str | None):
-    scores = EvalScore.objects.filter(project_id__in=project_ids, outcome=EvalScore.Outcome.SCORED, span_id="",
-                                      run__started_at__gte=since)
+def _scores(scores, *, since: datetime, agent: str | None, evaluator: str | None):
+    scores = scores.filter(outcome=EvalScore.Outcome.SCORED, span_id="", run__started_at__gte=since)
     if agent:
         scores = scores.filter(run__agent_name=agent)
     if evaluator:
@@ -103,62 +105,71 @@ def _scores(project_ids, *, since: datetime, agent: str | None, evaluator: str |
                                            output_field=CharField()))
 
 
+# The spread from the sum of squares (SQLite's STDDEV_SAMP raises on a group of one score).
 AGGREGATES = {"runs": Count("run_id", distinct=True), "scored": Count("score"), "mean": Avg("score"),
-              "sd": StdDev("score", sample=True), "judged": Count("passed"),
+              "sum_sq": Sum(F("score") * F("score")), "judged": Count("passed"),
               "passed": Count("id", filter=Q(passed=True))}
 
 
+def _sd(row: dict) -> float | None:
+    n, mean, sum_sq = row["scored"], row["mean"], row.get("sum_sq")
+    if n < 2 or mean is None or sum_sq is None:
+        return None
+    return math.sqrt(max((sum_sq - n * mean * mean) / (n - 1), 0.0))
+
+
 def _side(label: str, row: dict) -> Side:
-    return Side(label=label, runs=row["runs"], scored=row["scored"], mean=row["mean"], sd=row["sd"],
+    return Side(label=label, runs=row["runs"], scored=row["scored"], mean=row["mean"], sd=_sd(row),
                 judged=row["judged"], passed=row["passed"])
 
 
-def by_window(project_ids, *, now: datetime | None = None, window_hours: int = 24, baseline_days: int = 7,
+def by_window(scores, *, now: datetime | None = None, window_hours: int = 24, baseline_days: int = 7,
               agent: str | None = None, evaluator: str | None = None) -> list[dict]:
-    """Each agent and evaluator: the last ``window_hours`` against the ``baseline_days`` before them."""
+    """Each agent and evaluator: the last ``window_hours`` against the ``baseline_days`` before them.
+    ``scores``: the ``EvalScore`` rows the caller may see (``EvalScore.objects.visible_to(...)``)."""
     now = now or timezone.now()
     current_from = now - timedelta(hours=window_hours)
     since = current_from - timedelta(days=baseline_days)
-    rows = (_scores(project_ids, since=since, agent=agent, evaluator=evaluator)
+    rows = (_scores(scores, since=since, agent=agent, evaluator=evaluator)
             .filter(run__started_at__lt=now)
             .annotate(side=Case(When(run__started_at__gte=current_from, then=Value("current")),
                                 default=Value("baseline"), output_field=CharField()))
-            .values("project_id", "run__agent_name", "evaluator", "ev_version", "side")
+            .values("project__slug", "run__agent_name", "evaluator", "ev_version", "side")
             .annotate(**AGGREGATES).order_by())
     groups: dict[tuple, dict[str, dict]] = {}
     for row in rows:
-        groups.setdefault((row["project_id"], row["run__agent_name"], row["evaluator"], row["ev_version"]),
+        groups.setdefault((row["project__slug"], row["run__agent_name"], row["evaluator"], row["ev_version"]),
                           {})[row["side"]] = row
     out = []
-    empty = {k: 0 for k in ("runs", "scored", "judged", "passed")} | {"mean": None, "sd": None}
-    for (project_id, agent_name, name, version), sides in groups.items():
+    empty = {k: 0 for k in ("runs", "scored", "judged", "passed")} | {"mean": None, "sum_sq": None}
+    for (project, agent_name, name, version), sides in groups.items():
         item = compare(_side("baseline", sides.get("baseline", empty)), _side("current", sides.get("current", empty)))
-        out.append({"kind": "window", "project_id": project_id, "agent": agent_name, "evaluator": name,
+        out.append({"kind": "window", "project": project, "agent": agent_name, "evaluator": name,
                     "evaluator_version": version or None, "baseline_from": since, "current_from": current_from,
                     "baseline_version": None, "current_version": None, **item})
     return _ordered(out)
 
 
-def by_version(project_ids, *, now: datetime | None = None, days: int = 30, agent: str | None = None,
+def by_version(scores, *, now: datetime | None = None, days: int = 30, agent: str | None = None,
                evaluator: str | None = None) -> list[dict]:
     """Each agent and evaluator: its newest version (the one whose runs began last) against the version
     before it, over the last ``days``."""
     now = now or timezone.now()
-    rows = (_scores(project_ids, since=now - timedelta(days=days), agent=agent, evaluator=evaluator)
-            .values("project_id", "run__agent_name", "run__agent_version", "evaluator", "ev_version")
+    rows = (_scores(scores, since=now - timedelta(days=days), agent=agent, evaluator=evaluator)
+            .values("project__slug", "run__agent_name", "run__agent_version", "evaluator", "ev_version")
             .annotate(**AGGREGATES, first=Min("run__started_at"), last=Max("run__started_at")).order_by())
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["project_id"], row["run__agent_name"], row["evaluator"], row["ev_version"]),
+        groups.setdefault((row["project__slug"], row["run__agent_name"], row["evaluator"], row["ev_version"]),
                           []).append(row)
     out = []
-    for (project_id, agent_name, name, version), versions in groups.items():
+    for (project, agent_name, name, version), versions in groups.items():
         if len(versions) < 2:
             continue
         versions.sort(key=lambda r: (r["first"], r["last"]))
         before, newest = versions[-2], versions[-1]
         item = compare(_side(before["run__agent_version"], before), _side(newest["run__agent_version"], newest))
-        out.append({"kind": "version", "project_id": project_id, "agent": agent_name, "evaluator": name,
+        out.append({"kind": "version", "project": project, "agent": agent_name, "evaluator": name,
                     "evaluator_version": version or None, "baseline_from": None, "current_from": None,
                     "baseline_version": before["run__agent_version"], "current_version": newest["run__agent_version"],
                     **item})

@@ -7,6 +7,7 @@ from django.core.validators import RegexValidator
 from rest_framework import serializers
 
 from .models import EvalConfig, EvalJob, EvalJobRun, EvalScore
+from .regressions import REGRESSION_KINDS
 
 _NO_NUL = RegexValidator(r"^[^\x00]*$", "must not contain NUL.")
 _NAME = RegexValidator(r"^[A-Za-z0-9_.:\-/]+$", "letters, digits and _ . : - / only.")
@@ -134,7 +135,7 @@ class JobRunOut(serializers.Serializer):
 
 
 class RegressionQuery(serializers.Serializer):
-    by = serializers.ChoiceField(choices=["window", "version"], default="window",
+    by = serializers.ChoiceField(choices=REGRESSION_KINDS, default="window",
                                  help_text="window: the last window_hours against the baseline_days before them; "
                                            "version: each agent's newest version against the one before (last days)")
     window_hours = serializers.IntegerField(min_value=1, max_value=24 * 90, default=24)
@@ -156,7 +157,7 @@ class RegressionSideOut(serializers.Serializer):
 
 
 class RegressionOut(serializers.Serializer):
-    kind = serializers.ChoiceField(choices=["window", "version"])
+    kind = serializers.ChoiceField(choices=REGRESSION_KINDS)
     agent = serializers.CharField()
     evaluator = serializers.CharField()
     evaluator_version = serializers.CharField(allow_null=True, help_text="null for people's feedback (human).")

@@ -87,6 +87,8 @@
 
   function connect(el) {
     var refresh = el.dataset.liveRefresh ? refresher(el) : null;
+    // A write the page made itself (a person's feedback) asks for a re-read without waiting for a message.
+    el.addEventListener("live:refresh", function () { if (refresh) refresh(); });
     var delay = 500;
     function open() {
       var proto = location.protocol === "https:" ? "wss://" : "ws://";

@@ -82,7 +82,7 @@ def test_the_agents_page_asks_a_fixed_number_of_queries(client, bob, project, ma
     drain()
     client.force_login(bob)
     # Session, user, access, visible projects; then the grouped totals, the error codes (and on SQLite
-    # the durations), the spend per version: never a query per agent.
-    with django_assert_max_num_queries(7 if connection.vendor == "postgresql" else 8):
+    # the durations), the spend per version, the feedback and eval verdicts: never a query per agent.
+    with django_assert_max_num_queries(8 if connection.vendor == "postgresql" else 9):
         page = client.get("/agents/")
     assert page.status_code == 200 and page.content.decode().count('class="version-change"') == 11

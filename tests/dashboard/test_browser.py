@@ -433,7 +433,8 @@ SETUP_APPROVER = """
 from django.contrib.auth import get_user_model
 from apps.projects import services
 from apps.projects.models import Project, Role
-user = get_user_model().objects.create_user("approver", password="pw-approver-123")
+user = (get_user_model().objects.filter(username="approver").first()
+        or get_user_model().objects.create_user("approver", password="pw-approver-123"))
 services.role_grant(project=Project.objects.get(slug="demo"), user=user, role=Role.APPROVER, actor=None)
 """
 
@@ -482,3 +483,59 @@ def test_a_request_appears_in_the_open_inbox_is_approved_and_the_agents_wait_end
     page.goto(f"{server.base}/approvals/demo/{approval_id}/")
     assert page.locator("[data-field=state]").inner_text().startswith("approved")
     shoot(page, "approval")
+
+
+def test_an_approver_gives_feedback_from_the_run_page_and_an_auditor_may_not(server, browser):
+    server.manage("shell", "-c", SETUP_APPROVER)
+    server.rest("POST", "/runs", {"run_id": "fb-1", "agent": "support-bot", "started_at": ago(20)})
+    server.rest("POST", "/runs/fb-1/finish", {"status": "completed", "output": "Your parcel is in Lyon."})
+    page = sign_in(browser, server, user="approver")
+    reload_until(page, f"{server.base}/runs/demo/fb-1/", "[data-run-status=completed]")
+    live_ready(page)
+    assert page.locator("[data-run=scores]").count() == 0  # no score yet
+    page.fill("[data-feedback-url] input[name=comment]", "wrong city")
+    page.click("[data-feedback-url] button[data-feedback=down]")
+    # The API answered (the button shows it) and the scores were re-read without a reload.
+    page.wait_for_selector("button[data-feedback=down][aria-pressed=true]", timeout=10_000)
+    row = page.wait_for_selector("[data-run=scores] tr[data-score^='human@user:']", timeout=10_000)
+    assert "fail" in row.inner_text() and "wrong city" in row.inner_text() and "approver" in row.inner_text()
+    shoot(page, "run-feedback")
+    # Changed: one feedback per person, now up.
+    page.click("[data-feedback-url] button[data-feedback=up]")
+    page.wait_for_selector("button[data-feedback=up][aria-pressed=true]", timeout=10_000)
+    page.wait_for_function("document.querySelectorAll(\"[data-run=scores] tr[data-score^='human@']\").length === 1 && "
+                           "document.querySelector(\"[data-run=scores] tr[data-score^='human@']\").innerText"
+                           ".includes('pass')", timeout=10_000)
+    # An auditor reads the score, and has no feedback to give.
+    auditor = sign_in(browser, server)
+    auditor.goto(f"{server.base}/runs/demo/fb-1/")
+    assert auditor.locator("[data-run=scores] tr[data-score^='human@']").count() == 1
+    assert auditor.locator("[data-feedback-url]").count() == 0
+
+
+START_BATCH = """
+from apps.evals import jobs
+from apps.projects.models import Project
+job = jobs.job_create(project=Project.objects.get(slug="demo"), actor=None, name="browser-nightly",
+                      evaluators=[{"name": "run_succeeded"}, {"name": "json_valid"}], schedule="0 3 * * *")
+print(jobs.job_start(job=job, trigger="schedule").pk)
+"""
+
+
+def test_the_evals_page_shows_a_batch_progress_live_and_scores_reach_the_runs_list(server, browser):
+    for n in range(3):
+        server.rest("POST", "/runs", {"run_id": f"ev-{n}", "agent": "grader-bot", "started_at": ago(60 + n)})
+        server.rest("POST", f"/runs/ev-{n}/finish", {"status": "completed" if n else "failed", "output": '{"ok": 1}'})
+    page = sign_in(browser, server)
+    reload_until(page, f"{server.base}/runs/?agent=grader-bot", "tr[data-status=failed]")
+    page.goto(f"{server.base}/evals/")
+    live_ready(page)
+    batch = server.manage("shell", "-c", START_BATCH).strip().splitlines()[-1]
+    # No reload: the embedded worker walks the batch and each chunk's progress is pushed to the page.
+    page.wait_for_selector(f"[data-evals=batches] tr[data-batch='{batch}'][data-state=succeeded]",
+                           timeout=LIVE_WITHIN_MS + 10_000)
+    assert "0 3 * * *" in page.locator("[data-evals=batches]").inner_text()
+    shoot(page, "evals")
+    page.goto(f"{server.base}/runs/?agent=grader-bot")
+    failed = page.locator("tr[data-status=failed] [data-field=scores]")
+    assert "✗1" in failed.inner_text() and "run_succeeded: fail" in failed.get_attribute("title")

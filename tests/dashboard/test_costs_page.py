@@ -278,21 +278,22 @@ def test_the_overview_tiles_show_spend_today_spikes_and_unpriced_models(client, 
 def test_run_pages_with_costs_ask_a_fixed_number_of_queries(client, bob, seeded, django_assert_num_queries):
     client.force_login(bob)
     # Session, user, access, visible projects; the run, its outline (three), its children, its tool
-    # calls; the priced spans, its reservations (how many: none, so no list), its approvals, and (a run
-    # with children only) the children's costs.
-    with django_assert_num_queries(14):
+    # calls; the priced spans, its reservations (how many: none, so no list), its approvals, its scores,
+    # and (a run with children only) the children's costs.
+    with django_assert_num_queries(15):
         _page(client, "/runs/acme/r1/")
-    with django_assert_num_queries(13):
+    with django_assert_num_queries(14):
         _page(client, "/runs/acme/r2/")
     with django_assert_num_queries(7):  # ... the run, the span, its updates, its price
         _page(client, "/runs/acme/r1/spans/a/")
-    with django_assert_num_queries(5):  # the runs list: the page of runs, costs on the row
+    with django_assert_num_queries(6):  # the runs list: the page of runs, costs and scores on the row
         _page(client, "/runs/")
     # The overview: the runs' tiles, then spend by day, spikes, unpriced calls (and with a project, its
-    # time zone for "today"), the budgets and the thresholds crossed, the approvals waiting (none: no list).
-    with django_assert_num_queries(19):
-        _page(client, "/")
+    # time zone for "today"), the budgets and the thresholds crossed, the approvals waiting (none: no list),
+    # the regressions (one).
     with django_assert_num_queries(20):
+        _page(client, "/")
+    with django_assert_num_queries(21):
         _page(client, "/", project="acme")
 
 

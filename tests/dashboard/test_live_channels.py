@@ -156,3 +156,35 @@ def test_a_revoked_role_stops_the_messages_at_once(project, alice, bob, make_key
 
     before, after = run_async(body)
     assert before and after == []
+
+
+def test_the_evals_page_is_nudged_when_a_batch_of_its_projects_moves_and_not_for_others(
+        project, other_project, bob, alice, settings):
+    from apps.evals import jobs
+
+    settings.EVALS_JOB_CHUNK = 1
+    key = make_key_for(project)
+    for n in range(2):
+        _send(project, key, f"r{n}", finish="completed")
+    mine = jobs.job_create(project=project, actor=alice, name="nightly", evaluators=[{"name": "run_succeeded"}])
+    theirs = jobs.job_create(project=other_project, actor=None, name="theirs", evaluators=[{"name": "run_succeeded"}])
+
+    async def body():
+        ws, connected, _ = await _open("/ws/evals/", bob)
+        assert connected
+        batch = await database_sync_to_async(jobs.job_start)(job=mine, trigger="schedule")
+        other = await database_sync_to_async(jobs.job_start)(job=theirs, trigger="schedule")
+        await database_sync_to_async(jobs.job_chunk_step)(batch_pk=other.pk)  # another project's: no message
+        await database_sync_to_async(jobs.job_chunk_step)(batch_pk=batch.pk)
+        await database_sync_to_async(jobs.job_chunk_step)(batch_pk=batch.pk)
+        got = await _messages(ws)
+        await ws.disconnect()
+        return got
+
+    assert run_async(body) == [{"type": "changed", "state": "running"}, {"type": "changed", "state": "succeeded"}]
+
+
+def make_key_for(project):
+    from apps.projects import services
+
+    return services.api_key_create(project=project, name="live", scopes=["ingest", "read"], actor=None)[0]

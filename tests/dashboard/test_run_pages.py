@@ -191,10 +191,10 @@ def test_pages_ask_a_fixed_number_of_queries(client, bob, project, make_key, dja
         assert client.get("/runs/").status_code == 200
     with django_assert_max_num_queries(8):
         assert client.get("/runs/?agent=support-bot&status=completed&meta=a=b").status_code == 200
-    with django_assert_max_num_queries(14):  # ... and its reservations, its approvals
+    with django_assert_max_num_queries(15):  # ... and its reservations, its approvals, its scores
         assert client.get("/runs/acme/q-3/").status_code == 200
-    with django_assert_max_num_queries(19):  # ... the budgets' tile: the budgets, the thresholds crossed; the
-        # approvals' tile: what waits (the oldest only when something does)
+    with django_assert_max_num_queries(20):  # ... the budgets' tile: the budgets, the thresholds crossed; the
+        # approvals' tile: what waits (the oldest only when something does); the regressions' tile: one
         assert client.get("/").status_code == 200
 
 
@@ -211,7 +211,7 @@ def test_a_run_of_5000_spans_draws_every_span_and_opens_its_tree_folded(client, 
     _run(project, key, "huge", spans=spans[:4999] + [{"span_id": "last", "kind": "tool", "name": "t"}])
     drain()
     client.force_login(bob)
-    with django_assert_max_num_queries(13):
+    with django_assert_max_num_queries(14):  # ... its scores: one
         page = client.get("/runs/acme/huge/").content.decode()
     assert page.count('<g class="row"') == 5000 and page.count("<li ") == 5000
     # Folded below the first level: the steps show, their model and tool calls wait for a click.

@@ -18,7 +18,7 @@ from django_celery_beat.models import PeriodicTask
 
 from apps.audit.models import AuditEvent
 from apps.common.errors import ApiError
-from apps.evals import jobs
+from apps.evals import jobs, live
 from apps.evals.models import EvalJob, EvalJobRun, EvalScore
 from apps.traces.models import Run
 from tests.evals.test_judge import VERDICT, through_gateway  # noqa: F401
@@ -73,7 +73,7 @@ def test_a_batch_over_10000_runs_walks_its_window_in_chunks_and_run_again_adds_n
     old = historical_runs(project, 5, start=timezone.now() - timedelta(days=3), prefix="old")  # before the window
     layer = get_channel_layer()
     channel = async_to_sync(layer.new_channel)()
-    async_to_sync(layer.group_add)(jobs.project_group(project.pk), channel)
+    async_to_sync(layer.group_add)(live.project_group(project.pk), channel)
 
     with django_capture_on_commit_callbacks(execute=True):
         batch = jobs.job_start(job=job, trigger="manual", actor=alice)

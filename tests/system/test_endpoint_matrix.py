@@ -253,6 +253,7 @@ MATRIX: dict[tuple[str, str], Endpoint] = {
         PAGE_READ, "runs/acme/{run_id}/spans/{tool_span_id}/tool.json"),
     ("GET", "agents/"): Endpoint(PAGE_LIST, "agents/", marker="project=acme"),
     ("GET", "costs/"): Endpoint(PAGE_LIST, "costs/", marker="acme-model"),
+    ("GET", "evals/"): Endpoint(PAGE_LIST, "evals/", marker="acme-busy"),
     ("GET", "sessions/<slug:project>/<path:session_id>/"): Endpoint(PAGE_READ, "sessions/acme/{session_id}/"),
     ("GET", "approvals/"): Endpoint(PAGE_LIST, "approvals/", marker="{approval_id}"),
     ("GET", "approvals/<slug:project>/<str:approval_id>/"): Endpoint(PAGE_READ, "approvals/acme/{approval_id}/"),

@@ -8,6 +8,7 @@ from urllib.parse import urlencode
 from django.utils import timezone
 
 from apps.budgets import selectors as budgets
+from apps.evals import selectors as evals
 from apps.traces import selectors
 
 from .base import Page
@@ -34,8 +35,9 @@ def _grouped(rows: list[dict]) -> list[dict]:
 
 class AgentsPage(Page):
     """``?window=`` 24h, 7d (the default, also for a value it does not know) or 30d; ``?project=``
-    narrows to one project. Three queries past the layout's, four on SQLite (``traces.selectors.agent_stats``,
-    and the spend per version from ``budgets.selectors.agent_costs``)."""
+    narrows to one project. Four queries past the layout's, five on SQLite (``traces.selectors.agent_stats``,
+    the spend per version from ``budgets.selectors.agent_costs``, people's feedback and the evaluators'
+    pass rate from ``evals.selectors.agent_quality``)."""
 
     template_name = "dashboard/agents.html"
     nav = "agents"
@@ -47,7 +49,10 @@ class AgentsPage(Page):
         since = timezone.now() - WINDOWS[window]
         rows = selectors.agent_stats(principal=self.access, project_slug=self.project_param(), since=since)
         costs = budgets.agent_costs(principal=self.access, project_slug=self.project_param(), since=since)
+        quality = evals.agent_quality(principal=self.access, project_slug=self.project_param(), since=since)
         for row in rows:
+            q = row["quality"] = quality.get((row["project"], row["agent_name"], row["agent_version"]))
+            row["feedback_rate"] = q["feedback_runs"] / row["runs"] if q and row["runs"] else None
             row["cost"] = cost = costs.get((row["project"], row["agent_name"], row["agent_version"]))
             row["cost_per_run"] = cost["cost_usd"] / row["runs"] if cost and cost["calls"] and row["runs"] else None
         return {**super().get_context_data(**kwargs), "agents": _grouped(rows), "window": window,

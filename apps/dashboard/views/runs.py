@@ -19,6 +19,7 @@ from apps.approvals import selectors as approvals
 from apps.audit.services import audit_record
 from apps.budgets import selectors as budgets
 from apps.budgets.models import usd
+from apps.evals import selectors as evals
 from apps.projects.services import actor_for
 from apps.traces import records, selectors
 
@@ -59,12 +60,21 @@ class RunListPage(Page):
         if form.is_valid():
             rows, next_cursor = cursor.page(filters.apply(self.access, form), request.GET.get("after"),
                                             size=PAGE_SIZE)
+            with_scores(rows)
         context = {"form": form, "runs": rows, "next_cursor": next_cursor,
                    "first_page": not request.GET.get("after"), "live_query": _live_query(request)}
         if request.GET.get("fragment") == "rows":
             return render(request, "dashboard/_run_rows.html",
                           {**context, "show_project": len(self.visible_projects) != 1})
         return self.render_to_response(self.get_context_data(**kwargs, **context))
+
+
+def with_scores(runs: list) -> list:
+    """Each run with its scores' summary (``run.eval_summary``: passed, failed, errors), for its row."""
+    summaries = evals.score_summaries([r.pk for r in runs]) if runs else {}
+    for run in runs:
+        run.eval_summary = summaries.get(run.pk)
+    return runs
 
 
 def _cell(value):
@@ -175,6 +185,9 @@ class RunPage(Page):
             "live_url": f"/ws/runs/{project}/{run.run_id}/",
             "reservations": budgets.reservations_of_run(run),
             "approvals": approvals.approvals_of_run(run),
+            "scores": (scores := evals.run_scores(run)),
+            "may_score": evals.may_score(request.user, self.access, run.project_id),
+            "my_feedback": evals.feedback_of(scores, request.user),
         }
         if request.GET.get("fragment") == "body":
             return render(request, "dashboard/_run_body.html", context)
