@@ -395,6 +395,9 @@ CELERY_BEAT_SCHEDULE["evals-sweep"] = {"task": "evals.sweep", "schedule": EVALS_
 EVALS_JOB_CHUNK = env_int("EVALS_JOB_CHUNK", 1000, minimum=1)
 EVALS_JOB_JUDGE_CHUNK = env_int("EVALS_JOB_JUDGE_CHUNK", 10, minimum=1)
 EVALS_JOB_LEASE_SECONDS = env_float("EVALS_JOB_LEASE_SECONDS", 120, minimum=1)
+# A batch's runs are split into EVALS_JOB_LANES lanes (none shorter than a chunk) that workers walk side by
+# side: one chunk of each lane at a time, so a batch uses as many worker processes as it has lanes.
+EVALS_JOB_LANES = env_int("EVALS_JOB_LANES", 4, minimum=1)
 # Regressions (evals.regressions): a drop of the pass rate or the mean score of at least EVALS_REGRESSION_MIN_DROP,
 # with EVALS_REGRESSION_MIN_RUNS scored runs on each side, significant at EVALS_REGRESSION_ALPHA (one-sided).
 EVALS_REGRESSION_MIN_RUNS = env_int("EVALS_REGRESSION_MIN_RUNS", 20, minimum=2)

@@ -2,23 +2,27 @@
 ``PeriodicTask``, and the batches (``EvalJobRun``) walked in chunks.
 
 A batch fixes its window, filter, evaluators and the run ids it may reach (``first_pk..last_pk``) when
-it starts, then walks the runs in id order from a cursor. A chunk is one claim and one commit:
+it starts, and splits those ids into lanes (``EvalJobLane``, as many runs each) that workers walk side by
+side, each in id order from its own cursor. A chunk is one claim and one commit:
 
-- claim: a conditional update of the batch (running, no live lease, the generation read) that bumps
-  the generation and sets a lease long enough for the chunk (judges' timeouts included);
-- evaluate: the next runs after the cursor, no writes (a judge calls the gateway over HTTP);
-- commit: the scores, the new cursor and the counts in one transaction, and only while the
-  generation is still this claim's (a cancelled or taken-over batch commits nothing).
+- claim: a conditional update of the lane (not done, no live lease, the generation read, its batch
+  running) that bumps the generation and sets a lease long enough for the chunk (judges' timeouts
+  included);
+- evaluate: the lane's next runs after its cursor, no writes (a judge calls the gateway over HTTP);
+- commit: the scores, the lane's new cursor and the batch's counts in one transaction, and only while
+  the lane's generation is still this claim's and the batch still runs (a cancelled, failed or
+  taken-over chunk commits nothing). The last lane to finish finishes the batch.
 
-So a redelivered or duplicated task finds nothing to claim (or takes the next chunk, once), a worker
-killed mid-chunk loses only that chunk's work (its lease expires and the beat's sweep resumes the
-batch from the cursor), and running a batch again over the same runs adds no score: scores are
-unique per run, span, evaluator and version.
+So a redelivered or duplicated task finds nothing to claim (or takes the lane's next chunk, once), a
+worker killed mid-chunk loses only that chunk's work (its lease expires and the beat's sweep resumes the
+lane from its cursor), and running a batch again over the same runs adds no score: scores are unique per
+run, span, evaluator and version.
 """
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -37,7 +41,7 @@ from apps.projects.services import audit_change, update_audited
 from apps.traces.models import Run
 
 from . import live, runner
-from .models import EvalJob, EvalJobRun, EvalScore, cron_fields
+from .models import EvalJob, EvalJobLane, EvalJobRun, EvalScore, cron_fields
 
 logger = logging.getLogger(__name__)
 
@@ -145,26 +149,47 @@ def job_start(*, job: EvalJob, trigger: str, actor=None, window_start: datetime 
     window = _window_runs(job.project_id, flt, start, end)
     bounds = window.aggregate(first=Min("pk"), last=Max("pk"), n=Count("pk"))
     total = bounds["n"] or 0
+    first_pk, last_pk = bounds["first"] or 0, bounds["last"] or 0
+    specs = runner.specs_of(job.evaluators)
+    size, lease = _chunk_plan(specs)
     try:
         with transaction.atomic():
             batch = EvalJobRun.objects.create(
                 project_id=job.project_id, job=job, trigger=trigger, started_by=actor if trigger == "manual" else None,
                 evaluators=job.evaluators, filter=flt, window_start=start, window_end=end,
-                sample_below=_sample_below(job, window, flt),
-                first_pk=bounds["first"] or 0, last_pk=bounds["last"] or 0, cursor=(bounds["first"] or 1) - 1,
-                total=total, enqueued_at=now)
+                sample_below=_sample_below(job, window, flt), first_pk=first_pk, last_pk=last_pk, total=total)
+            cuts = _lane_cuts(window, first_pk, last_pk, total, size)
+            lanes = EvalJobLane.objects.bulk_create(
+                EvalJobLane(batch=batch, index=i, lo_pk=lo, hi_pk=hi, cursor=lo, enqueued_at=now)
+                for i, (lo, hi) in enumerate(itertools.pairwise(cuts)))
+            EvalJobRun.objects.filter(pk=batch.pk).update(lanes=len(lanes))
+            batch.lanes = len(lanes)
             if actor is not None:
                 audit_change(actor, job.project, "evals.job_started", batch,
                              after={"job": job.name, "window_start": start.isoformat(), "window_end": end.isoformat(),
                                     "runs": total})
-            lease = _chunk_plan(runner.specs_of(job.evaluators))[1]
-            transaction.on_commit(lambda: _enqueue(batch.pk, lease), robust=True)
+            lane_pks = [lane.pk for lane in lanes]
+            transaction.on_commit(lambda: [_enqueue(pk, lease) for pk in lane_pks], robust=True)
     except IntegrityError:
         running = EvalJobRun.objects.filter(job=job, state=EvalJobRun.State.RUNNING).first()
         raise ApiError(ErrorCode.JOB_RUNNING, f"Eval job {job.name!r} is running already (batch "
                        f"{running.pk if running else '?'}); one batch of a job runs at a time.",
                        status_code=409) from None
     return batch
+
+
+def _lane_cuts(window, first_pk: int, last_pk: int, total: int, size: int) -> list[int]:
+    """The lanes' bounds: ``cuts[i] < pk <= cuts[i + 1]``, as many runs of the window in each (the
+    window's ids interleave with other projects' and other agents'). ``EVALS_JOB_LANES`` lanes at most,
+    and none shorter than a chunk: a small batch is one lane."""
+    count = max(1, min(settings.EVALS_JOB_LANES, -(-total // size)))
+    ordered = window.filter(pk__lte=last_pk).order_by("pk").values_list("pk", flat=True)
+    cuts = [first_pk - 1]
+    for i in range(1, count):
+        at = ordered[total * i // count:total * i // count + 1].first()  # None: runs deleted meanwhile
+        if at is not None and cuts[-1] < at - 1 < last_pk:
+            cuts.append(at - 1)
+    return [*cuts, last_pk]
 
 
 def job_scheduled(*, job_pk: int) -> EvalJobRun | None:
@@ -182,10 +207,10 @@ def job_scheduled(*, job_pk: int) -> EvalJobRun | None:
 
 @transaction.atomic
 def job_cancel(*, batch: EvalJobRun, actor) -> EvalJobRun:
-    """Stop a running batch: the chunk in flight commits nothing (its generation is stale)."""
+    """Stop a running batch: the chunks in flight commit nothing (their batch no longer runs)."""
     if EvalJobRun.objects.filter(pk=batch.pk, state=EvalJobRun.State.RUNNING).update(
-            state=EvalJobRun.State.CANCELLED, finished_at=timezone.now(), lease_until=None,
-            generation=F("generation") + 1):
+            state=EvalJobRun.State.CANCELLED, finished_at=timezone.now()):
+        EvalJobLane.objects.filter(batch=batch, done=False).update(lease_until=None)
         batch.refresh_from_db()
         audit_change(actor, batch.project, "evals.job_cancelled", batch, after={"scanned": batch.scanned})
         live.publish_progress(batch)
@@ -194,11 +219,12 @@ def job_cancel(*, batch: EvalJobRun, actor) -> EvalJobRun:
     return batch
 
 
-def _enqueue(batch_pk: int, lease: float) -> None:
-    """A chunk's task, its time limit just past its lease (a hung judge is stopped, then resumed)."""
+def _enqueue(lane_pk: int, lease: float) -> None:
+    """A lane's next chunk as a task, its time limit just past its lease (a hung judge is stopped, then
+    resumed)."""
     from .tasks import job_chunk
 
-    job_chunk.apply_async((batch_pk,), time_limit=lease + 30, soft_time_limit=lease + 20)
+    job_chunk.apply_async((lane_pk,), time_limit=lease + 30, soft_time_limit=lease + 20)
 
 
 # --- a chunk -------------------------------------------------------------------------------------------
@@ -238,79 +264,85 @@ def _chunk_plan(specs: list[runner.Spec]) -> tuple[int, float]:
 
 
 class _Stale(Exception):
-    """The batch is no longer this claim's (cancelled, or taken over after the lease expired)."""
+    """The chunk is no longer its claim's (the batch was cancelled or failed, or the lane taken over
+    after its lease expired)."""
 
 
-def job_chunk_step(*, batch_pk: int, now=None) -> dict:
-    """Claim, evaluate and commit the next chunk of a batch; enqueue the next one. Nothing to claim (a
-    duplicate, a finished or cancelled batch, a live lease elsewhere): nothing done."""
+def job_chunk_step(*, lane_pk: int, now=None) -> dict:
+    """Claim, evaluate and commit a lane's next chunk; enqueue the one after. Nothing to claim (a
+    duplicate, a finished lane, a batch no longer running, a live lease elsewhere): nothing done."""
     now = now or timezone.now()
-    row = (EvalJobRun.objects.filter(pk=batch_pk, state=EvalJobRun.State.RUNNING)
-           .values("generation", "attempts", "lease_until").first())
+    running = Q(done=False, batch__state=EvalJobRun.State.RUNNING)
+    row = EvalJobLane.objects.filter(running, pk=lane_pk).values("generation", "attempts", "lease_until").first()
     if row is None or (row["lease_until"] is not None and row["lease_until"] > now):
         return {"claimed": False}
-    batch = EvalJobRun.objects.select_related("job").get(pk=batch_pk)
+    lane = EvalJobLane.objects.select_related("batch").get(pk=lane_pk)
+    batch = lane.batch
     specs = runner.specs_of(batch.evaluators)
     size, lease = _chunk_plan(specs)
     free = Q(lease_until__isnull=True) | Q(lease_until__lte=now)
     generation = row["generation"] + 1
-    if not EvalJobRun.objects.filter(free, pk=batch_pk, state=EvalJobRun.State.RUNNING,
-                                     generation=row["generation"]).update(
+    if not EvalJobLane.objects.filter(running, free, pk=lane_pk, generation=row["generation"]).update(
             generation=generation, lease_until=now + timedelta(seconds=lease), attempts=F("attempts") + 1):
         return {"claimed": False}
     if row["attempts"] + 1 > settings.EVALS_MAX_ATTEMPTS:
-        EvalJobRun.objects.filter(pk=batch_pk, generation=generation).update(
-            state=EvalJobRun.State.FAILED, finished_at=timezone.now(), lease_until=None,
-            last_error=f"given up after {settings.EVALS_MAX_ATTEMPTS} attempts at the chunk after run id "
-                       f"{batch.cursor} (a worker died or failed each time)")
-        batch.refresh_from_db()
-        live.publish_progress(batch)
+        with transaction.atomic():
+            EvalJobRun.objects.filter(pk=batch.pk, state=EvalJobRun.State.RUNNING).update(
+                state=EvalJobRun.State.FAILED, finished_at=timezone.now(),
+                last_error=f"given up after {settings.EVALS_MAX_ATTEMPTS} attempts at the chunk after run id "
+                           f"{lane.cursor} (a worker died or failed each time)")
+            EvalJobLane.objects.filter(pk=lane_pk, generation=generation).update(lease_until=None)
+            batch.refresh_from_db()
+            live.publish_progress(batch)
         return {"claimed": True, "failed": True}
 
     flt = batch.filter
     runs = list(_window_runs(batch.project_id, flt, batch.window_start, batch.window_end)
-                .filter(pk__gt=batch.cursor, pk__lte=batch.last_pk).order_by("pk")[:size])
+                .filter(pk__gt=lane.cursor, pk__lte=lane.hi_pk).order_by("pk")[:size])
     pattern = flt["agent_pattern"]
-    remaining = (flt["sample_size"] - batch.evaluated) if flt["sample_size"] else None
     chosen = [r for r in runs if (not pattern or fnmatch.fnmatchcase(r.agent_name, pattern))
               and sampled(batch.job_id, r.run_id, batch.sample_below)]
-    if remaining is not None:
-        chosen = chosen[:max(remaining, 0)]
     rows = runner.evaluate(chosen, specs, {"source": EvalScore.Source.JOB, "job_run_id": batch.pk})
-    done = (len(runs) < size or runs[-1].pk >= batch.last_pk
-            or (remaining is not None and len(chosen) >= remaining))
+    done = len(runs) < size or runs[-1].pk >= lane.hi_pk
     try:
         with transaction.atomic():
             added = runner.store(rows)
-            changes = {"cursor": runs[-1].pk if runs else batch.cursor, "scanned": F("scanned") + len(runs),
-                       "evaluated": F("evaluated") + len(chosen), "scores_added": F("scores_added") + added,
-                       "errors": F("errors") + sum(1 for r in rows if r["outcome"] == EvalScore.Outcome.ERROR),
-                       "chunks": F("chunks") + 1, "attempts": 0, "lease_until": None, "last_error": "",
-                       "enqueued_at": timezone.now()}
-            if done:
-                changes |= {"state": EvalJobRun.State.SUCCEEDED, "finished_at": timezone.now()}
-            if not EvalJobRun.objects.filter(pk=batch_pk, generation=generation,
-                                             state=EvalJobRun.State.RUNNING).update(**changes):
+            # The lane first (its own row), then the batch (the row all lanes share: held from here to the
+            # commit only), then whether any lane still walks: read after taking the batch's row, so of
+            # two lanes finishing together the second sees the first's done.
+            if not EvalJobLane.objects.filter(pk=lane_pk, generation=generation).update(
+                    cursor=runs[-1].pk if runs else lane.cursor, done=done, chunks=F("chunks") + 1, attempts=0,
+                    lease_until=None, enqueued_at=timezone.now()):
                 raise _Stale
+            if not EvalJobRun.objects.filter(pk=batch.pk, state=EvalJobRun.State.RUNNING).update(
+                    scanned=F("scanned") + len(runs), evaluated=F("evaluated") + len(chosen),
+                    scores_added=F("scores_added") + added,
+                    errors=F("errors") + sum(1 for r in rows if r["outcome"] == EvalScore.Outcome.ERROR),
+                    chunks=F("chunks") + 1, last_error=""):
+                raise _Stale
+            if done and not EvalJobLane.objects.filter(batch=batch, done=False).exists():
+                EvalJobRun.objects.filter(pk=batch.pk).update(state=EvalJobRun.State.SUCCEEDED,
+                                                              finished_at=timezone.now())
             batch.refresh_from_db()
             live.publish_progress(batch)
             if not done:
-                transaction.on_commit(lambda: _enqueue(batch_pk, lease), robust=True)
+                transaction.on_commit(lambda: _enqueue(lane_pk, lease), robust=True)
     except _Stale:
         return {"claimed": True, "stale": True}
     return {"claimed": True, "scanned": len(runs), "evaluated": len(chosen), "scores_added": added, "done": done}
 
 
 def job_sweep(*, now=None, limit: int = 100) -> int:
-    """Beat: resume the batches whose worker died (the lease expired) or whose next chunk's message was
+    """Beat: resume the lanes whose worker died (the lease expired) or whose next chunk's message was
     lost (no lease, enqueued longer ago than the grace). Returns how many."""
     now = now or timezone.now()
     grace = now - timedelta(seconds=settings.EVALS_ENQUEUE_GRACE_SECONDS)
     stuck = (Q(lease_until__lt=now) | Q(lease_until__isnull=True) & (Q(enqueued_at__isnull=True)
                                                                      | Q(enqueued_at__lt=grace)))
-    rows = list(EvalJobRun.objects.filter(stuck, state=EvalJobRun.State.RUNNING).values_list("pk", "evaluators")[:limit])
+    rows = list(EvalJobLane.objects.filter(stuck, done=False, batch__state=EvalJobRun.State.RUNNING)
+                .values_list("pk", "batch__evaluators")[:limit])
     if rows:
-        EvalJobRun.objects.filter(pk__in=[pk for pk, _ in rows]).update(enqueued_at=now)
+        EvalJobLane.objects.filter(pk__in=[pk for pk, _ in rows]).update(enqueued_at=now)
         for pk, evaluators in rows:
             _enqueue(pk, _chunk_plan(runner.specs_of(evaluators))[1])
     return len(rows)

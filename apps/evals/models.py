@@ -240,10 +240,10 @@ def cron_problem(line: str) -> str:
 
 class EvalJobRun(models.Model):
     """One batch of an eval job: its window, filter and evaluators fixed when it started (a job edited
-    meanwhile changes the next batch, not this one), walked in run-id order from a cursor. Each chunk's
-    scores, the cursor and the counts commit together, under a lease and a generation: a redelivered or
-    stale task finds nothing to claim, a dead worker's batch is resumed from its cursor by the sweep,
-    and a batch run again over the same runs adds no score (unique per run, evaluator and version)."""
+    meanwhile changes the next batch, not this one). Its run ids are split into lanes (``EvalJobLane``)
+    walked side by side, each in run-id order from its own cursor; each chunk's scores, its lane's
+    cursor and the batch's counts commit together. A batch run again over the same runs adds no score
+    (unique per run, evaluator and version)."""
 
     class State(models.TextChoices):
         RUNNING = "running"
@@ -269,7 +269,7 @@ class EvalJobRun(models.Model):
     first_pk = models.BigIntegerField(default=0, help_text="The window's runs lie in first_pk..last_pk (fixed at the "
                                                            "start: runs that arrive later are the next batch's).")
     last_pk = models.BigIntegerField(default=0)
-    cursor = models.BigIntegerField(default=0, help_text="The last run id walked past.")
+    lanes = models.PositiveSmallIntegerField(default=1, help_text="How many lanes walk its runs side by side.")
     total = models.PositiveIntegerField(default=0, help_text="The window's runs of the statuses asked for.")
     scanned = models.PositiveIntegerField(default=0)
     evaluated = models.PositiveIntegerField(default=0, help_text="Runs evaluated (in the sample, the agents asked for).")
@@ -278,10 +278,6 @@ class EvalJobRun(models.Model):
     errors = models.PositiveIntegerField(default=0, help_text="Evaluator errors among them.")
     chunks = models.PositiveIntegerField(default=0)
     state = models.CharField(max_length=10, choices=State.choices, default=State.RUNNING)
-    generation = models.PositiveIntegerField(default=0)
-    lease_until = models.DateTimeField(null=True, blank=True)
-    enqueued_at = models.DateTimeField(null=True, blank=True)
-    attempts = models.PositiveSmallIntegerField(default=0, help_text="Claims of the current chunk.")
     last_error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -296,8 +292,6 @@ class EvalJobRun(models.Model):
             # One batch of a job at a time: a schedule firing while the last one still runs starts none.
             models.UniqueConstraint(fields=["job"], condition=Q(state="running"), name="evals_jobrun_one_running"),
         ]
-        indexes = [models.Index(fields=["state", "lease_until"], condition=Q(state="running"),
-                                name="evals_jobrun_open")]
 
     def __str__(self) -> str:
         return f"{self.job} #{self.pk} ({self.state})"
@@ -307,3 +301,33 @@ class EvalJobRun(models.Model):
         if self.state == self.State.SUCCEEDED:
             return 1.0
         return min(self.scanned / self.total, 1.0) if self.total else 0.0
+
+
+class EvalJobLane(models.Model):
+    """One lane of a batch: the run ids ``(lo_pk, hi_pk]``, walked in order from ``cursor`` one chunk at a
+    time by whichever worker claims it. A claim is a conditional update (not done, no live lease, the
+    generation read, its batch running) that bumps the generation and sets a lease; the chunk's commit
+    counts only while the generation is still its own. So a redelivered or duplicated message finds
+    nothing to claim, a worker killed mid-chunk loses that chunk only (the sweep resumes the lane from its
+    cursor once the lease expired), and the lanes of a batch never walk the same run."""
+
+    batch = models.ForeignKey(EvalJobRun, on_delete=models.CASCADE, related_name="lane_set")
+    index = models.PositiveSmallIntegerField()
+    lo_pk = models.BigIntegerField(help_text="The lane's runs have ids above this…")
+    hi_pk = models.BigIntegerField(help_text="…and up to this.")
+    cursor = models.BigIntegerField(help_text="The last run id walked past.")
+    done = models.BooleanField(default=False)
+    chunks = models.PositiveIntegerField(default=0)
+    generation = models.PositiveIntegerField(default=0)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0, help_text="Claims of the current chunk.")
+
+    class Meta:
+        verbose_name = "eval job lane"
+        ordering = ["batch", "index"]
+        constraints = [models.UniqueConstraint(fields=["batch", "index"], name="evals_joblane_unique")]
+        indexes = [models.Index(fields=["lease_until"], condition=Q(done=False), name="evals_joblane_open")]
+
+    def __str__(self) -> str:
+        return f"lane {self.index} of batch {self.batch_id}"

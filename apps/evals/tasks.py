@@ -20,9 +20,9 @@ def after_run(run_pk: int) -> dict:
 
 @shared_task(name="evals.job_chunk", queue="default", ignore_result=True, acks_late=True,
              reject_on_worker_lost=True)
-def job_chunk(batch_pk: int) -> dict:
-    """The next chunk of a batch (it enqueues the one after); nothing to claim: nothing done."""
-    return jobs.job_chunk_step(batch_pk=batch_pk)
+def job_chunk(lane_pk: int) -> dict:
+    """The next chunk of a batch's lane (it enqueues the one after); nothing to claim: nothing done."""
+    return jobs.job_chunk_step(lane_pk=lane_pk)
 
 
 @shared_task(name=jobs.SCHEDULED_TASK, queue="default", ignore_result=True)

@@ -163,6 +163,7 @@ def test_the_evals_page_is_nudged_when_a_batch_of_its_projects_moves_and_not_for
     from apps.evals import jobs
 
     settings.EVALS_JOB_CHUNK = 1
+    settings.EVALS_JOB_LANES = 1
     key = make_key_for(project)
     for n in range(2):
         _send(project, key, f"r{n}", finish="completed")
@@ -174,9 +175,10 @@ def test_the_evals_page_is_nudged_when_a_batch_of_its_projects_moves_and_not_for
         assert connected
         batch = await database_sync_to_async(jobs.job_start)(job=mine, trigger="schedule")
         other = await database_sync_to_async(jobs.job_start)(job=theirs, trigger="schedule")
-        await database_sync_to_async(jobs.job_chunk_step)(batch_pk=other.pk)  # another project's: no message
-        await database_sync_to_async(jobs.job_chunk_step)(batch_pk=batch.pk)
-        await database_sync_to_async(jobs.job_chunk_step)(batch_pk=batch.pk)
+        lane = database_sync_to_async(lambda b: b.lane_set.get().pk)
+        await database_sync_to_async(jobs.job_chunk_step)(lane_pk=await lane(other))  # another project's: no message
+        await database_sync_to_async(jobs.job_chunk_step)(lane_pk=await lane(batch))
+        await database_sync_to_async(jobs.job_chunk_step)(lane_pk=await lane(batch))
         got = await _messages(ws)
         await ws.disconnect()
         return got

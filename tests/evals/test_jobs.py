@@ -1,5 +1,5 @@
-"""Batch evals over history: a job's batch walks its window in chunks (each chunk's scores, cursor and
-counts committed together), picks runs by agent, version, status and sample, runs one at a time per
+"""Batch evals over history: a job's batch walks its window in lanes side by side, each in chunks (each
+chunk's scores, its lane's cursor and the batch's counts committed together), picks runs by agent, version, status and sample, runs one at a time per
 job, is resumed after a dead worker and adds nothing when run again; its cron is a beat entry. In
 process first (each chunk enqueues the next: run eagerly here), then with real Celery workers and beat
 (10,000 runs, a worker SIGKILLed mid-batch), then llm_judge in a batch through the gateway."""
@@ -19,7 +19,7 @@ from django_celery_beat.models import PeriodicTask
 from apps.audit.models import AuditEvent
 from apps.common.errors import ApiError
 from apps.evals import jobs, live
-from apps.evals.models import EvalJob, EvalJobRun, EvalScore
+from apps.evals.models import EvalJob, EvalJobLane, EvalJobRun, EvalScore
 from apps.traces.models import Run
 from tests.evals.test_judge import VERDICT, through_gateway  # noqa: F401
 from tests.gateway.conftest import _gateway_quiet, gateway_server, needs_postgres, upstream  # noqa: F401
@@ -47,12 +47,13 @@ def historical_runs(project, n: int, *, start=None, prefix: str = "h") -> list[R
 
 
 def walk(batch: EvalJobRun, limit: int = 1000) -> EvalJobRun:
-    """Step a batch chunk by chunk, in process, until it stops running."""
+    """Step a batch chunk by chunk, a chunk of each lane in turn, in process, until it stops running."""
     for _ in range(limit):
         batch.refresh_from_db()
         if batch.state != "running":
             return batch
-        jobs.job_chunk_step(batch_pk=batch.pk)
+        for lane in batch.lane_set.filter(done=False):
+            jobs.job_chunk_step(lane_pk=lane.pk)
     raise AssertionError("the batch never finished")
 
 
@@ -68,6 +69,7 @@ def job(project, alice):
 def test_a_batch_over_10000_runs_walks_its_window_in_chunks_and_run_again_adds_nothing(
         project, alice, job, settings, django_capture_on_commit_callbacks):
     settings.EVALS_JOB_CHUNK = 1000
+    settings.EVALS_JOB_LANES = 2  # two lanes of 5,000 runs
     settings.CELERY_TASK_ALWAYS_EAGER = True  # each chunk enqueues the next: here they run inline
     historical_runs(project, 10_000)
     old = historical_runs(project, 5, start=timezone.now() - timedelta(days=3), prefix="old")  # before the window
@@ -146,50 +148,114 @@ def test_one_batch_of_a_job_runs_at_a_time_and_a_bad_window_is_refused(project, 
 
 
 @pytest.mark.django_db
-def test_a_live_lease_turns_a_duplicate_away_and_an_expired_one_is_resumed_from_the_cursor(
+def test_a_batch_is_split_into_lanes_of_as_many_runs_and_a_small_one_is_one_lane(project, alice, job, settings):
+    settings.EVALS_JOB_CHUNK = 100
+    runs = historical_runs(project, 1000)
+    # Runs the job does not ask for interleave with its ids: the lanes still hold as many of its runs each.
+    for r in runs[::4]:
+        Run.objects.filter(pk=r.pk).update(status="running")  # not a status the job asks for
+    batch = jobs.job_start(job=job, trigger="manual", actor=alice)
+    lanes = list(batch.lane_set.all())
+    assert batch.lanes == len(lanes) == settings.EVALS_JOB_LANES == 4
+    assert lanes[0].lo_pk == batch.first_pk - 1 and lanes[-1].hi_pk == batch.last_pk
+    assert all(a.hi_pk == b.lo_pk for a, b in zip(lanes, lanes[1:], strict=False))
+    window = Run.objects.filter(project=project, status__in=["completed", "failed"])
+    assert [window.filter(pk__gt=lane.lo_pk, pk__lte=lane.hi_pk).count() for lane in lanes] == [187, 188, 187, 188]
+    walk(batch)
+    assert (batch.state, batch.scanned, batch.evaluated) == ("succeeded", 750, 750)
+    assert all(lane.done for lane in batch.lane_set.all())
+
+    settings.EVALS_JOB_CHUNK = 500  # 750 runs: two chunks' worth, two lanes
+    assert jobs.job_start(job=job, trigger="manual", actor=alice).lane_set.count() == 2
+    EvalJobRun.objects.update(state="succeeded")
+    settings.EVALS_JOB_CHUNK = 1000
+    assert jobs.job_start(job=job, trigger="manual", actor=alice).lane_set.count() == 1
+
+
+@pytest.mark.django_db
+def test_a_live_lease_turns_a_duplicate_away_and_an_expired_one_is_resumed_from_its_lanes_cursor(
         project, alice, job, settings):
     settings.EVALS_JOB_CHUNK = 40
+    settings.EVALS_JOB_LANES = 2
     historical_runs(project, 100)
     batch = jobs.job_start(job=job, trigger="manual", actor=alice)
-    assert jobs.job_chunk_step(batch_pk=batch.pk)["scanned"] == 40
-    batch.refresh_from_db()
-    cursor = batch.cursor
-    # A worker claims the next chunk (generation + 1, a live lease) and dies without committing.
-    EvalJobRun.objects.filter(pk=batch.pk).update(generation=batch.generation + 1, attempts=1,
-                                                  lease_until=timezone.now() + timedelta(minutes=5))
-    assert jobs.job_chunk_step(batch_pk=batch.pk) == {"claimed": False}  # a duplicate while the lease lives
+    first, second = batch.lane_set.all()
+    assert second.hi_pk - second.lo_pk == first.hi_pk - first.lo_pk == 50
+    assert jobs.job_chunk_step(lane_pk=first.pk)["scanned"] == 40
+    first.refresh_from_db()
+    cursor = first.cursor
+    # A worker claims the lane's next chunk (generation + 1, a live lease) and dies without committing.
+    EvalJobLane.objects.filter(pk=first.pk).update(generation=first.generation + 1, attempts=1,
+                                                   lease_until=timezone.now() + timedelta(minutes=5))
+    assert jobs.job_chunk_step(lane_pk=first.pk) == {"claimed": False}  # a duplicate while the lease lives
+    assert jobs.job_chunk_step(lane_pk=second.pk)["scanned"] == 40  # the other lane walks on meanwhile
     assert jobs.job_sweep() == 0
-    EvalJobRun.objects.filter(pk=batch.pk).update(lease_until=timezone.now() - timedelta(seconds=1))
+    EvalJobLane.objects.filter(pk=first.pk).update(lease_until=timezone.now() - timedelta(seconds=1))
     settings.CELERY_TASK_ALWAYS_EAGER = True
-    assert jobs.job_sweep() == 1  # resumed: the next chunk, from the cursor
+    assert jobs.job_sweep() == 1  # resumed: the lane's next chunk, from its cursor
+    first.refresh_from_db()
+    assert first.cursor > cursor and first.done and (first.chunks, first.attempts, first.generation) == (2, 0, 3)
     batch.refresh_from_db()
-    assert batch.cursor > cursor and (batch.scanned, batch.chunks, batch.attempts) == (80, 2, 0)
-    assert batch.generation == 3
+    assert (batch.state, batch.scanned, batch.chunks) == ("running", 90, 3)  # the second lane has 10 to go
     walk(batch)
+    assert (batch.state, batch.scanned, batch.chunks) == ("succeeded", 100, 4)
     assert EvalScore.objects.filter(job_run=batch).count() == 300
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="concurrent transactions: PostgreSQL")
+def test_lanes_committing_at_once_count_every_chunk_and_the_last_one_finishes_the_batch(project, alice, job, settings):
+    settings.EVALS_JOB_CHUNK = 50
+    settings.EVALS_JOB_LANES = 4
+    historical_runs(project, 200)  # four lanes of one chunk each, all committed at once
+    batch = jobs.job_start(job=job, trigger="manual", actor=alice)
+    barrier = threading.Barrier(4)
+    results = []
+
+    def lane(pk):
+        try:
+            barrier.wait(10)
+            results.append(jobs.job_chunk_step(lane_pk=pk))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=lane, args=(pk,)) for pk in batch.lane_set.values_list("pk", flat=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(r["scanned"] for r in results) == [50] * 4 and all(r["done"] for r in results)
+    batch.refresh_from_db()
+    assert (batch.state, batch.scanned, batch.chunks, batch.scores_added) == ("succeeded", 200, 4, 600)
+    assert EvalScore.objects.filter(job_run=batch).count() == 600
 
 
 @pytest.mark.django_db
 def test_a_chunk_that_keeps_killing_its_worker_is_given_up_visibly(project, alice, job, settings):
     historical_runs(project, 10)
     batch = jobs.job_start(job=job, trigger="manual", actor=alice)
-    EvalJobRun.objects.filter(pk=batch.pk).update(attempts=settings.EVALS_MAX_ATTEMPTS,
+    lane = batch.lane_set.get()
+    EvalJobLane.objects.filter(pk=lane.pk).update(attempts=settings.EVALS_MAX_ATTEMPTS,
                                                   lease_until=timezone.now() - timedelta(seconds=1))
-    assert jobs.job_chunk_step(batch_pk=batch.pk) == {"claimed": True, "failed": True}
+    assert jobs.job_chunk_step(lane_pk=lane.pk) == {"claimed": True, "failed": True}
     batch.refresh_from_db()
     assert batch.state == "failed" and "given up" in batch.last_error
     assert not EvalScore.objects.exists()
+    assert jobs.job_sweep() == 0  # a failed batch's lanes are resumed no more
 
 
 @pytest.mark.django_db
-def test_a_cancelled_batch_stops_and_its_next_chunk_claims_nothing(project, alice, job, settings):
+def test_a_cancelled_batch_stops_and_no_lane_claims_a_next_chunk(project, alice, job, settings):
     settings.EVALS_JOB_CHUNK = 5
     historical_runs(project, 20)
     batch = jobs.job_start(job=job, trigger="manual", actor=alice)
-    jobs.job_chunk_step(batch_pk=batch.pk)
+    lanes = list(batch.lane_set.values_list("pk", flat=True))
+    assert len(lanes) == 4
+    jobs.job_chunk_step(lane_pk=lanes[0])
     batch = jobs.job_cancel(batch=batch, actor=alice)
     assert batch.state == "cancelled" and batch.scanned == 5
-    assert jobs.job_chunk_step(batch_pk=batch.pk) == {"claimed": False}
+    assert [jobs.job_chunk_step(lane_pk=pk) for pk in lanes] == [{"claimed": False}] * 4
+    assert jobs.job_sweep() == 0
     assert EvalScore.objects.count() == 15
     assert AuditEvent.objects.filter(action="evals.job_cancelled").count() == 1
 
@@ -320,7 +386,7 @@ def test_a_batch_cancelled_while_its_judge_answers_stores_nothing_of_that_chunk(
 
     def chunk():
         try:
-            outcome.update(jobs.job_chunk_step(batch_pk=batch.pk))
+            outcome.update(jobs.job_chunk_step(lane_pk=batch.lane_set.first().pk))
         finally:
             connection.close()
 

@@ -59,7 +59,7 @@ def test_the_evals_page_shows_regressions_quality_by_version_and_batches(client,
     job = jobs.job_create(project=project, actor=alice, name="nightly", evaluators=[{"name": "json_valid"}],
                           schedule="0 3 * * *")
     batch = jobs.job_start(job=job, trigger="manual", actor=alice)
-    jobs.job_chunk_step(batch_pk=batch.pk)
+    jobs.job_chunk_step(lane_pk=batch.lane_set.first().pk)
     client.force_login(bob)
     html = client.get("/evals/").content.decode()
     assert 'data-regression="version/support-bot/run_succeeded" data-flagged="true"' in html
