@@ -58,6 +58,7 @@ INSTALLED_APPS = [
     "apps.traces",
     "apps.budgets",
     "apps.approvals",
+    "apps.scheduler",
     "apps.gateway",
     "apps.evals",
     "apps.ingest",
@@ -403,3 +404,38 @@ EVALS_JOB_LANES = env_int("EVALS_JOB_LANES", 4, minimum=1)
 EVALS_REGRESSION_MIN_RUNS = env_int("EVALS_REGRESSION_MIN_RUNS", 20, minimum=2)
 EVALS_REGRESSION_MIN_DROP = env_float("EVALS_REGRESSION_MIN_DROP", 0.05, minimum=0)
 EVALS_REGRESSION_ALPHA = env_float("EVALS_REGRESSION_ALPHA", 0.05, minimum=0)
+
+# --- The GPU queue (apps.scheduler) ----------------------------------------------------------------
+# GPUs are read through NVML (SCHEDULER_GPUS=auto: where it loads; nvml: required; declared: never) and,
+# where there is none, are the GPUs declared here as name:MiB (SCHEDULER_DECLARED_GPUS=gpu0:24576,gpu1:81920).
+SCHEDULER_GPUS = env_str("SCHEDULER_GPUS", "auto")
+if SCHEDULER_GPUS not in ("auto", "nvml", "declared"):
+    raise ImproperlyConfigured("SCHEDULER_GPUS: auto, nvml or declared.")
+SCHEDULER_DECLARED_GPUS = []
+for _gpu in env_list("SCHEDULER_DECLARED_GPUS", ["gpu0:24576"]):
+    _name, _, _mb = _gpu.partition(":")
+    if not _name or not _mb.isdigit() or int(_mb) < 1:
+        raise ImproperlyConfigured(f"SCHEDULER_DECLARED_GPUS: name:MiB, not {_gpu!r}.")
+    SCHEDULER_DECLARED_GPUS.append({"name": _name, "memory_mb": int(_mb)})
+# The dispatcher ticks every SCHEDULER_TICK_SECONDS (beat; submissions, finishes and controls wake it at
+# once): it samples the GPUs and admits what fits. A reading older than SCHEDULER_READING_MAX_AGE_SECONDS
+# is no reading (the ledger alone decides). A waiting task gains a priority point every
+# SCHEDULER_AGING_SECONDS; one that does not fit holds its device after SCHEDULER_STARVATION_SECONDS.
+SCHEDULER_TICK_SECONDS = env_int("SCHEDULER_TICK_SECONDS", 1, minimum=1)
+SCHEDULER_READING_MAX_AGE_SECONDS = env_float("SCHEDULER_READING_MAX_AGE_SECONDS", 10, minimum=1)
+SCHEDULER_AGING_SECONDS = env_float("SCHEDULER_AGING_SECONDS", 60, minimum=1)
+SCHEDULER_STARVATION_SECONDS = env_float("SCHEDULER_STARVATION_SECONDS", 30, minimum=0)
+# Modules that register task handlers for handler backends (apps.scheduler.handlers.register).
+SCHEDULER_HANDLER_MODULES = env_list("SCHEDULER_HANDLER_MODULES", [])
+SCHEDULER_SCAN_LIMIT = env_int("SCHEDULER_SCAN_LIMIT", 500, minimum=1)  # waiting tasks a tick looks at, per device
+# A running task's lease is SCHEDULER_LEASE_SECONDS, renewed every SCHEDULER_HEARTBEAT_SECONDS by its worker
+# (which then also notices a cancel or a redirect); past it the worker is taken as lost and the task retried
+# (up to its max_attempts) or failed. An admitted task unclaimed for SCHEDULER_CLAIM_GRACE_SECONDS is sent
+# again (one claim wins). A task runs at most SCHEDULER_TASK_TIME_LIMIT seconds.
+SCHEDULER_LEASE_SECONDS = env_float("SCHEDULER_LEASE_SECONDS", 30, minimum=1)
+SCHEDULER_HEARTBEAT_SECONDS = env_float("SCHEDULER_HEARTBEAT_SECONDS", 2, minimum=0.05)
+SCHEDULER_CLAIM_GRACE_SECONDS = env_float("SCHEDULER_CLAIM_GRACE_SECONDS", 30, minimum=1)
+SCHEDULER_TASK_TIME_LIMIT = env_int("SCHEDULER_TASK_TIME_LIMIT", 3600, minimum=1)
+if SCHEDULER_HEARTBEAT_SECONDS * 3 > SCHEDULER_LEASE_SECONDS:
+    raise ImproperlyConfigured("SCHEDULER_HEARTBEAT_SECONDS: at most a third of SCHEDULER_LEASE_SECONDS.")
+CELERY_BEAT_SCHEDULE["scheduler-tick"] = {"task": "scheduler.tick", "schedule": SCHEDULER_TICK_SECONDS}

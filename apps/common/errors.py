@@ -56,6 +56,10 @@ class ErrorCode(models.TextChoices):
     ALREADY_DECIDED = "already_decided"
     SCORE_EXISTS = "score_exists"
     JOB_RUNNING = "job_running"
+    MODEL_NOT_SERVED = "model_not_served"
+    EXCEEDS_DEVICE = "exceeds_device"
+    TASK_CLOSED = "task_closed"
+    BACKEND_BUSY = "backend_busy"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -34,6 +34,8 @@ from apps.evals import services as eval_services
 from apps.evals.models import EvalPending
 from apps.gateway import services as gateway_services
 from apps.projects.admin import ScopedAdminMixin
+from apps.scheduler import services as scheduler_services
+from apps.scheduler.models import Control, LoadedModel
 from apps.traces.models import DeadRecord, IngestBatch, Run
 from tests.ingest import builders as otlp_builders
 from tests.streaming import read_streamed
@@ -383,6 +385,19 @@ def world(project, other_project, alice, bob, charlie, make_key, key_client, cli
         busy_jobs[p.slug] = eval_jobs_services.job_create(project=p, actor=None, name=f"{p.slug}-busy",
                                                           evaluators=[{"name": "run_succeeded"}])
         batches[p.slug] = eval_jobs_services.job_start(job=busy_jobs[p.slug], trigger="schedule")
+    queued_tasks, devices, backends = {}, {}, {}
+    for p in (project, other_project):  # a device, a backend, a paused queue, a loaded model, a queued task each
+        devices[p.slug] = scheduler_services.device_create(project=p, actor=None, name="gpu0",
+                                                           gpu=f"declared:{p.slug}-gpu0", memory_mb=16_384)
+        backends[p.slug] = scheduler_services.backend_create(
+            project=p, actor=None, name="vllm", device=devices[p.slug], url="http://127.0.0.1:9/v1",
+            model_memory={"llama": {"load_mb": 8000, "request_mb": 500}})
+        LoadedModel.objects.create(project=p, device=devices[p.slug], backend=backends[p.slug], model="llama",
+                                   memory_mb=8000, state="loaded", last_used_at=timezone.now(),
+                                   changed_at=timezone.now())
+        Control.objects.create(project=p, paused=True, reason="matrix", updated_at=timezone.now())
+        queued_tasks[p.slug] = scheduler_services.submit(project=p, kind="chat", model="llama",
+                                                         task_input={"messages": []}).task
 
     def key(scopes, proj=None) -> APIClient:
         return key_client(make_key(proj or project, scopes=list(scopes), name="probe")[1])
@@ -704,6 +719,14 @@ ADMIN_MATRIX: dict[str, AdminEntry] = {
     "evals.EvalPending": RUN_LOG,
     "evals.EvalJob": AdminEntry(scoped=True, view_by_role=True),
     "evals.EvalJobRun": RUN_LOG,
+    # the GPU queue: devices and backends edited by project admins; tasks, their history, loaded models and
+    # the operators' controls read-only (steered on the queue page and over the API)
+    "scheduler.Device": AdminEntry(scoped=True, view_by_role=True),
+    "scheduler.Backend": AdminEntry(scoped=True, view_by_role=True),
+    "scheduler.LoadedModel": RUN_LOG,
+    "scheduler.QueueTask": RUN_LOG,
+    "scheduler.DispatchEvent": RUN_LOG,
+    "scheduler.Control": RUN_LOG,
     # beat's schedule (django-celery-beat): superusers and Django's model permissions; a job's cron is
     # edited on the job (its PeriodicTask follows)
     "django_celery_beat.PeriodicTask": AdminEntry(scoped=False, note="beat's entries: superusers"),
