@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 WORKER_NICE ?= 10
 
-.PHONY: run web worker otlp-grpc beat migrate test lint demo clean
+.PHONY: run web worker gpu-worker otlp-grpc beat migrate test lint demo clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ web: migrate
 worker: $(STAMP)
 	exec nice -n $(WORKER_NICE) $(VENV)/bin/celery -A controlplane worker -Q default,ingest -l INFO \
 		$(if $(WORKER_CONCURRENCY),--concurrency $(WORKER_CONCURRENCY))
+
+## The GPU queue's worker, on a GPU host: it consumes its own GPUs' queues (NVML, else SCHEDULER_DECLARED_GPUS),
+## one message at a time per process, late-acked. GPU_WORKER_CONCURRENCY: tasks at once (default 4).
+gpu-worker: $(STAMP)
+	exec $(VENV)/bin/celery -A controlplane worker -n gpu@%h -l INFO --prefetch-multiplier 1 \
+		-Q $$($(PY) manage.py scheduler_queues) --concurrency $(or $(GPU_WORKER_CONCURRENCY),4)
 
 otlp-grpc: migrate
 	exec $(PY) manage.py otlp_grpc --host 0.0.0.0

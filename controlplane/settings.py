@@ -223,6 +223,8 @@ SPECTACULAR_SETTINGS = {
         "RunFinishStatusEnum": "apps.traces.records.RUN_FINISH_STATUSES",
         "SpanKindEnum": "apps.traces.models.SpanKind",
         "RegressionKindEnum": "apps.evals.regressions.REGRESSION_KINDS",
+        "QueueTaskKindEnum": "apps.scheduler.models.QueueTask.Kind",
+        "QueueTaskStateEnum": "apps.scheduler.models.QueueTask.State",
     },
 }
 
@@ -253,7 +255,7 @@ LOGGING = {
 # Where the embedded server listens (make run); PORT is the conventional override.
 PORT = env_int("PORT", 8000, minimum=1)
 # Queues: ingest (raw batches → runs/spans), default, gpu. The embedded worker consumes them all.
-CELERY_EMBEDDED_QUEUES = ["default", "ingest", "gpu"]
+CELERY_EMBEDDED_QUEUES = ["default", "ingest"]  # serve adds this machine's GPUs' queues
 
 # --- The run log (apps.traces) ----------------------------------------------------------------------
 # A worker that dies mid-projection holds its batches until the lease expires; then the sweeper
@@ -438,4 +440,8 @@ SCHEDULER_CLAIM_GRACE_SECONDS = env_float("SCHEDULER_CLAIM_GRACE_SECONDS", 30, m
 SCHEDULER_TASK_TIME_LIMIT = env_int("SCHEDULER_TASK_TIME_LIMIT", 3600, minimum=1)
 if SCHEDULER_HEARTBEAT_SECONDS * 3 > SCHEDULER_LEASE_SECONDS:
     raise ImproperlyConfigured("SCHEDULER_HEARTBEAT_SECONDS: at most a third of SCHEDULER_LEASE_SECONDS.")
+# An agent's long-poll on a task waits at most SCHEDULER_MAX_WAIT_SECONDS (then asks again); the waits read
+# on SCHEDULER_DB_THREADS threads of their own.
+SCHEDULER_MAX_WAIT_SECONDS = 30
+SCHEDULER_DB_THREADS = env_int("SCHEDULER_DB_THREADS", 4, minimum=1)
 CELERY_BEAT_SCHEDULE["scheduler-tick"] = {"task": "scheduler.tick", "schedule": SCHEDULER_TICK_SECONDS}

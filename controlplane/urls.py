@@ -13,6 +13,7 @@ urlpatterns = [
     path("api/v1/", include("apps.traces.urls")),
     path("api/v1/", include("apps.budgets.urls")),
     path("api/v1/", include("apps.approvals.urls")),
+    path("api/v1/", include("apps.scheduler.urls")),
     path("api/v1/", include("apps.evals.urls")),
     path("v1/traces", otlp_views.traces, name="otlp-traces"),
     path("v1/logs", otlp_views.logs, name="otlp-logs"),

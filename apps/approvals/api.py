@@ -4,13 +4,13 @@ cancel; people whose role allows it decide (never a key: ``person_only``); proje
 ASGI, so that a waiting agent holds no thread; here (no ASGI server) the state is answered at once."""
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.response import Response
 
-from apps.common.api import ERROR_RESPONSES, query_params
-from apps.common.errors import ApiError, ErrorCode, ErrorSerializer
+from apps.common.api import ERROR_RESPONSES, IDEMPOTENCY_HEADER, idempotency_key, query_params
+from apps.common.errors import ErrorCode, ErrorSerializer
 from apps.projects.edited_api import EditedRowsView, EditedRowView, documented_row, documented_rows
 from apps.projects.permissions import PersonOnly, ProjectScopedAPIView, is_agent, require_scope
 
@@ -106,17 +106,14 @@ class ApprovalListView(ProjectScopedAPIView):
                                "approval (200), never a second one; with another body, 409 idempotency_conflict. "
                                "The server computes the action hash; wait with GET ?wait=, the WebSocket "
                                "/ws/approvals/{id}, or a callback_url.",
-                   parameters=[OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER, required=False)],
+                   parameters=[IDEMPOTENCY_HEADER],
                    request=ApprovalIn, responses={201: ApprovalOut, 200: ApprovalOut, **ERROR_RESPONSES})
     def post(self, request):
         _agent(request)
         ser = ApprovalIn(data=request.data)
         ser.is_valid(raise_exception=True)
         d = ser.validated_data
-        idem = request.headers.get("Idempotency-Key") or None
-        if idem is not None and len(idem) > 200:
-            raise ApiError(ErrorCode.INVALID_REQUEST, "Idempotency-Key: at most 200 characters.",
-                           details={"field": "Idempotency-Key"})
+        idem = idempotency_key(request)
         body = {**d, "estimated_cost_usd": None if d.get("estimated_cost_usd") is None else str(d["estimated_cost_usd"])}
         done = services.approval_request(
             key=request.user, action=d["action"], arguments=d["arguments"], tool=d["tool"], summary=d["summary"],

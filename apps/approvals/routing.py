@@ -2,8 +2,8 @@
 check)."""
 from django.urls import path
 
-from . import consumers
+from . import waiter
 
 websocket_urlpatterns = [
-    path("ws/approvals/<str:approval_id>", consumers.ApprovalWaitConsumer.as_asgi()),
+    path("ws/approvals/<str:approval_id>", waiter.ApprovalWaitConsumer.as_asgi()),
 ]

@@ -1,7 +1,7 @@
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from drf_spectacular.utils import OpenApiResponse
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
 
 from .errors import ApiError, ErrorCode, ErrorSerializer
 
@@ -13,6 +13,17 @@ ERROR_RESPONSES = {
     404: OpenApiResponse(ErrorSerializer, description="Not found, or not visible to the caller"),
     503: OpenApiResponse(ErrorSerializer, description="Temporarily unavailable; honour Retry-After"),
 }
+
+IDEMPOTENCY_HEADER = OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER, required=False)
+
+
+def idempotency_key(request) -> str | None:
+    """The request's ``Idempotency-Key`` (at most 200 characters), or None."""
+    value = request.headers.get("Idempotency-Key") or None
+    if value is not None and len(value) > 200:
+        raise ApiError(ErrorCode.INVALID_REQUEST, "Idempotency-Key: at most 200 characters.",
+                       details={"field": "Idempotency-Key"})
+    return value
 
 
 def query_params(serializer_class, request) -> dict[str, Any]:

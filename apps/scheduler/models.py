@@ -250,6 +250,7 @@ class QueueTask(models.Model):
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001 - NULL = no key (unique)
+    request_hash = models.CharField(max_length=64, blank=True, help_text="What was submitted under the key.")
     created_at = models.DateTimeField()
     queued_at = models.DateTimeField(help_text="When it last joined the queue (a requeue resets it).")
     admitted_at = models.DateTimeField(null=True, blank=True)

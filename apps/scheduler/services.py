@@ -8,6 +8,8 @@ The dispatcher is woken after each commit that may let something start (``tasks.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
 from dataclasses import dataclass
 
@@ -198,8 +200,11 @@ def submit(*, project: Project, kind: str, model: str, key: ApiKey | None = None
     if kind not in QueueTask.Kind.values:
         raise ApiError(ErrorCode.INVALID_REQUEST, f"kind: one of {', '.join(QueueTask.Kind.values)}.",
                        details={"field": "kind"})
+    body_hash = hashlib.sha256(json.dumps(
+        [kind, model, backend, memory_mb, priority, task_input, run_id, span_id, end_user, max_attempts],
+        sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     if idempotency_key and key is not None:
-        found = QueueTask.objects.filter(project=project, api_key=key, idempotency_key=idempotency_key).first()
+        found = _idempotent(project, key, idempotency_key, body_hash)
         if found is not None:
             return Submitted(found, created=False)
     chosen = pick_backend(project, model, backend)
@@ -211,7 +216,7 @@ def submit(*, project: Project, kind: str, model: str, key: ApiKey | None = None
                      requested_by=_who(key, user), end_user=end_user, run_id=run_id, span_id=span_id,
                      backend=chosen, device=chosen.device, model=model, memory_mb=memory, priority=priority,
                      max_attempts=max_attempts, input=task_input, idempotency_key=idempotency_key or None,
-                     created_at=now, queued_at=now)
+                     request_hash=body_hash if idempotency_key else "", created_at=now, queued_at=now)
     try:
         with transaction.atomic():
             task.save()
@@ -221,11 +226,19 @@ def submit(*, project: Project, kind: str, model: str, key: ApiKey | None = None
     except IntegrityError:
         if not idempotency_key:
             raise
-        found = QueueTask.objects.filter(project=project, api_key=key, idempotency_key=idempotency_key).first()
+        found = _idempotent(project, key, idempotency_key, body_hash)  # a concurrent twin won the unique key
         if found is None:
             raise
         return Submitted(found, created=False)
     return Submitted(task, created=True)
+
+
+def _idempotent(project: Project, key: ApiKey, idempotency_key: str, body_hash: str) -> QueueTask | None:
+    found = QueueTask.objects.filter(project=project, api_key=key, idempotency_key=idempotency_key).first()
+    if found is not None and found.request_hash != body_hash:
+        raise ApiError(ErrorCode.IDEMPOTENCY_CONFLICT, "This Idempotency-Key was used with another request.",
+                       status_code=409, details={"task_id": found.public_id})
+    return found
 
 
 def event(task: QueueTask, what: str, *, actor: str = "dispatcher", at=None, waited_ms: int | None = None,

@@ -35,7 +35,7 @@ from apps.evals.models import EvalPending
 from apps.gateway import services as gateway_services
 from apps.projects.admin import ScopedAdminMixin
 from apps.scheduler import services as scheduler_services
-from apps.scheduler.models import Control, LoadedModel
+from apps.scheduler.models import Control, LoadedModel, QueueTask
 from apps.traces.models import DeadRecord, IngestBatch, Run
 from tests.ingest import builders as otlp_builders
 from tests.streaming import read_streamed
@@ -171,6 +171,23 @@ MATRIX: dict[tuple[str, str], Endpoint] = {
         KEY_ACTION, "api/v1/budget/reservations/{reservation_id}/settle", scope="budget", body={"cost_usd": "0.01"}),
     ("POST", "api/v1/budget/reservations/<int:reservation_id>/release"): Endpoint(
         KEY_ACTION, "api/v1/budget/reservations/{reservation_id}/release", scope="budget"),
+    # the GPU queue: tasks submitted and read by agent keys (queue scope); operators steer (people holding
+    # operate_project, never a key)
+    ("GET", "api/v1/queue/tasks"): Endpoint(LIST, "api/v1/queue/tasks", scope="queue", marker="{task_id}"),
+    ("POST", "api/v1/queue/tasks"): Endpoint(KEY_WRITE, "api/v1/queue/tasks", scope="queue",
+                                             body={"kind": "chat", "model": "llama", "input": {"messages": []}},
+                                             rows=lambda p: QueueTask.objects.filter(project=p).count()),
+    ("GET", "api/v1/queue/tasks/<str:task_id>"): Endpoint(READ, "api/v1/queue/tasks/{task_id}", scope="queue"),
+    ("POST", "api/v1/queue/tasks/<str:task_id>/cancel"): Endpoint(
+        PERSON_WRITE, "api/v1/queue/tasks/{task_id}/cancel", perm="operate_project", body={"reason": "matrix"}),
+    ("POST", "api/v1/queue/tasks/<str:task_id>/redirect"): Endpoint(
+        PERSON_WRITE, "api/v1/queue/tasks/{task_id}/redirect", perm="operate_project", body={"backend": "vllm-2"}),
+    ("POST", "api/v1/queue/tasks/<str:task_id>/priority"): Endpoint(
+        PERSON_WRITE, "api/v1/queue/tasks/{task_id}/priority", perm="operate_project", body={"priority": 5}),
+    ("GET", f"{PROJECT}/queue"): Endpoint(READ, "api/v1/projects/{slug}/queue", scope="read"),
+    ("POST", f"{PROJECT}/queue/controls"): Endpoint(
+        PERSON_WRITE, "api/v1/projects/{slug}/queue/controls", perm="operate_project",
+        body={"device": "gpu0", "paused": True, "reason": "matrix"}),
     # approvals: rules by project admins; requests, consumes and cancels by agent keys; decisions by people
     ("GET", f"{PROJECT}/approval-rules"): Endpoint(READ, "api/v1/projects/{slug}/approval-rules", scope="read"),
     ("POST", f"{PROJECT}/approval-rules"): Endpoint(PERSON_WRITE, "api/v1/projects/{slug}/approval-rules",
@@ -392,6 +409,9 @@ def world(project, other_project, alice, bob, charlie, make_key, key_client, cli
         backends[p.slug] = scheduler_services.backend_create(
             project=p, actor=None, name="vllm", device=devices[p.slug], url="http://127.0.0.1:9/v1",
             model_memory={"llama": {"load_mb": 8000, "request_mb": 500}})
+        scheduler_services.backend_create(project=p, actor=None, name="vllm-2", device=devices[p.slug],
+                                          url="http://127.0.0.1:9/v1",
+                                          model_memory={"llama": {"load_mb": 0, "request_mb": 500}})
         LoadedModel.objects.create(project=p, device=devices[p.slug], backend=backends[p.slug], model="llama",
                                    memory_mb=8000, state="loaded", last_used_at=timezone.now(),
                                    changed_at=timezone.now())
@@ -412,7 +432,8 @@ def world(project, other_project, alice, bob, charlie, make_key, key_client, cli
                 "reservation_id": held.pk, "rule_id": rules["acme"].pk,
                 "approval_id": pending["acme"].public_id, "approved_id": approved["acme"].public_id,
                 "config_id": eval_configs["acme"].pk, "job_id": eval_jobs["acme"].pk,
-                "busy_job_id": busy_jobs["acme"].pk, "batch_id": batches["acme"].pk})
+                "busy_job_id": busy_jobs["acme"].pk, "batch_id": batches["acme"].pk,
+                "task_id": queued_tasks["acme"].public_id})
 
 
 def _call(client, method: str, e: Endpoint, world):

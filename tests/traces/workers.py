@@ -20,11 +20,13 @@ def worker_database_url() -> str:
 
 
 def start_worker(tmp_path: Path, name: str, *, beat: bool, queues: str = "ingest",
-                 env: dict[str, str] | None = None) -> subprocess.Popen:
+                 env: dict[str, str] | None = None, concurrency: int | None = None) -> subprocess.Popen:
     full_env = {**os.environ, "DATABASE_URL": worker_database_url(), "DATA_DIR": str(tmp_path / "var"),
                 "TRACES_LEASE_SECONDS": "4", "TRACES_SWEEP_SECONDS": "1", "TRACES_PROJECTION_BATCH_LIMIT": "20",
                 **(env or {})}
-    cmd = [sys.executable, "-m", "celery", "-A", "controlplane", "worker", "-Q", queues, "-P", "solo",
+    pool = ["-P", "solo"] if concurrency is None else ["-P", "prefork", "-c", str(concurrency),
+                                                       "--prefetch-multiplier", "1"]
+    cmd = [sys.executable, "-m", "celery", "-A", "controlplane", "worker", "-Q", queues, *pool,
            "--without-mingle", "--without-gossip", "-n", f"{name}@%h", "-l", "INFO"]
     if beat:
         cmd += ["-B"]  # the DatabaseScheduler: the schedule is rows of the test database

@@ -97,6 +97,7 @@ class Command(BaseCommand):
     def _start_worker_and_beat(self):
         from celery.beat import EmbeddedService
 
+        from apps.scheduler.management.commands.scheduler_queues import local_queues
         from controlplane.celery import app
 
         worker = app.WorkController(
@@ -104,7 +105,7 @@ class Command(BaseCommand):
             pool_cls="solo",
             concurrency=1,
             loglevel="INFO",
-            queues=settings.CELERY_EMBEDDED_QUEUES,
+            queues=settings.CELERY_EMBEDDED_QUEUES + local_queues(),  # and this machine's GPUs' queues
             without_mingle=True,
             without_gossip=True,
             without_heartbeat=True,
