@@ -19,6 +19,7 @@ from apps.budgets import live as budgets_live
 from apps.evals import live as evals_live
 from apps.projects.access import ProjectAccess, project_access
 from apps.projects.models import SLUG_RE, Project
+from apps.scheduler import live as queue_live
 from apps.traces import selectors as traces
 
 from . import filters
@@ -138,7 +139,8 @@ class OverviewConsumer(LiveConsumer):
         ids = self.project_ids(access)
         return ([traces.project_runs_group(pid) for pid in ids]
                 + [budgets_live.project_alerts_group(pid) for pid in ids]
-                + [approvals_live.project_group(pid) for pid in ids])
+                + [approvals_live.project_group(pid) for pid in ids]
+                + [queue_live.project_group(pid) for pid in ids])
 
     def message(self, event):
         return {"type": "changed"} if _sees(self.access(), event["project_id"]) else None
@@ -149,6 +151,13 @@ class OverviewConsumer(LiveConsumer):
 
     async def approval_changed(self, event):
         """An approval was asked for or decided: the pending-approvals tile is re-read with the others."""
+        await self.run_updated(event)
+
+    async def queue_task(self, event):
+        """A queue task moved: the queue tile is re-read with the others."""
+        await self.run_updated(event)
+
+    async def queue_changed(self, event):
         await self.run_updated(event)
 
 
@@ -183,6 +192,28 @@ class EvalsConsumer(LiveConsumer):
         return {"type": "changed", "state": event["state"]} if _sees(self.access(), event["project_id"]) else None
 
     async def evals_job_progress(self, event):
+        await self.run_updated(event)
+
+
+class QueueConsumer(LiveConsumer):
+    """``/ws/queue/?project=``: a nudge whenever a task of a visible project moves (submitted, admitted,
+    started, ended, steered) or its queue's figures or controls change; the queue page re-reads itself."""
+
+    def subscribe(self):
+        access = self.narrowed_access()
+        if access is None:
+            return None
+        return [queue_live.project_group(pid) for pid in self.project_ids(access)]
+
+    def message(self, event):
+        if not _sees(self.access(), event["project_id"]):
+            return None
+        return {"type": "changed", "state": event.get("state", "")}
+
+    async def queue_task(self, event):
+        await self.run_updated(event)
+
+    async def queue_changed(self, event):
         await self.run_updated(event)
 
 

@@ -19,5 +19,6 @@ NAV: list[NavEntry] = [
     NavEntry("costs", "Costs", "dashboard:costs"),
     NavEntry("evals", "Evals", "dashboard:evals"),
     NavEntry("approvals", "Approvals", "dashboard:approvals"),
+    NavEntry("queue", "GPU queue", "dashboard:queue"),
     NavEntry("audit", "Audit log", "dashboard:audit"),
 ]

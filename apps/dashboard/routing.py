@@ -10,4 +10,5 @@ websocket_urlpatterns = [
     path("ws/runs/<slug:project>/<str:run_id>/", consumers.RunConsumer.as_asgi()),
     path("ws/inbox/", consumers.InboxConsumer.as_asgi()),
     path("ws/evals/", consumers.EvalsConsumer.as_asgi()),
+    path("ws/queue/", consumers.QueueConsumer.as_asgi()),
 ]

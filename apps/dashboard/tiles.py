@@ -14,6 +14,7 @@ from django.utils import timezone
 from apps.approvals import selectors as approvals
 from apps.budgets import selectors as budgets
 from apps.evals import selectors as evals
+from apps.scheduler import selectors as queue
 from apps.traces import selectors as traces
 
 from . import svg
@@ -91,12 +92,18 @@ def _regressions(access, project_slug):
             "regressions_compared": len(items)}
 
 
+def _queue(access, project_slug):
+    """The GPU queue: how many tasks wait and for how long the oldest, how many run, what is paused."""
+    return {"queue": queue.queue_summary(principal=access, project_slug=project_slug)}
+
+
 TILES: list[Tile] = [
     Tile("runs", "dashboard/tiles/runs.html", _runs),
     Tile("spend", "dashboard/tiles/spend.html", _spend),
     Tile("budgets", "dashboard/tiles/budgets.html", _budgets),
     Tile("approvals", "dashboard/tiles/approvals.html", _approvals),
     Tile("regressions", "dashboard/tiles/regressions.html", _regressions),
+    Tile("queue", "dashboard/tiles/queue.html", _queue),
     Tile("spikes", "dashboard/tiles/spikes.html", _spikes),
     Tile("unpriced", "dashboard/tiles/unpriced.html", _unpriced),
 ]

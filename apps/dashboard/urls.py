@@ -1,7 +1,7 @@
 """The product's pages (``/``): each route is a thin view over another app's selectors."""
 from django.urls import path
 
-from .views import agents, approvals, audit, auth, costs, evals, overview, runs, sessions
+from .views import agents, approvals, audit, auth, costs, evals, overview, queue, runs, sessions
 
 app_name = "dashboard"
 
@@ -25,6 +25,8 @@ urlpatterns = [
     path("approvals/<slug:project>/<str:approval_id>/", approvals.ApprovalPage.as_view(), name="approval"),
     # evals: regressions, quality by agent, batches
     path("evals/", evals.EvalsPage.as_view(), name="evals"),
+    # the GPU queue, live
+    path("queue/", queue.QueuePage.as_view(), name="queue"),
     # audit log page
     path("audit/", audit.AuditLogPage.as_view(), name="audit"),
     path("audit/export.<str:fmt>", audit.AuditExport.as_view(), name="audit-export"),

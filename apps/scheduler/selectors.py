@@ -235,3 +235,27 @@ def queue_state(*, project, now: datetime | None = None) -> QueueState:
         backends=backend_states, depth=waiting["n"],
         oldest_wait_seconds=None if waiting["oldest"] is None else round((now - waiting["oldest"]).total_seconds(), 1),
         wait_p50_ms=_quantile(waits, 0.5), wait_p95_ms=_quantile(waits, 0.95), admitted_recently=len(waits))
+
+
+def queue_summary(*, principal, project_slug: str | None = None, now: datetime | None = None) -> dict:
+    """The overview's tile: across the projects the principal may see, the depth, the oldest waiting task's
+    age, what runs, and the paused devices (by name, with their project) and whether a whole queue is."""
+    now = now or timezone.now()
+    tasks_qs = QueueTask.objects.visible_to(principal, project_slug=project_slug)
+    waiting = tasks_qs.filter(state=State.QUEUED).aggregate(n=Count("id"), oldest=Min("queued_at"))
+    running = tasks_qs.filter(state__in=QueueTask.HOLDING).count()
+    controls = Control.objects.visible_to(principal, project_slug=project_slug).filter(paused=True).select_related(
+        "project", "device", "backend")
+    paused = [{"project": c.project.slug, "target": c.device.name if c.device_id else
+               c.backend.name if c.backend_id else "the whole queue",
+               "kind": "device" if c.device_id else "backend" if c.backend_id else "queue", "reason": c.reason}
+              for c in controls]
+    devices = Device.objects.visible_to(principal, project_slug=project_slug).count()
+    return {"depth": waiting["n"], "running": running, "devices": devices, "paused": paused,
+            "oldest_wait_seconds": None if waiting["oldest"] is None else (now - waiting["oldest"]).total_seconds()}
+
+
+def recent_tasks(*, project, limit: int = 20) -> list[QueueTask]:
+    """The project's ended tasks, newest first (by the (project, state, created) index)."""
+    return list(QueueTask.objects.filter(project=project, state__in=QueueTask.TERMINAL).select_related(
+        "project", "backend", "device").order_by("-created_at", "-id")[:limit])

@@ -70,7 +70,7 @@ def device_create(*, project: Project, actor, **fields) -> Device:
 
 @transaction.atomic
 def device_update(*, device: Device, actor, **changes) -> Device:
-    device = Device.objects.select_for_update().select_related("project").get(pk=device.pk)
+    device = Device.objects.select_for_update(of=("self",)).select_related("project").get(pk=device.pk)
     moving = "gpu" in changes and changes["gpu"] != device.gpu
     device = update_audited(device, changes, Device.FIELDS, lambda: _device_clean(device, moving=moving), actor,
                             "scheduler.device_updated")
@@ -116,7 +116,8 @@ def backend_create(*, project: Project, actor, **fields) -> Backend:
 
 @transaction.atomic
 def backend_update(*, backend: Backend, actor, **changes) -> Backend:
-    backend = Backend.objects.select_for_update().select_related("project", "device").get(pk=backend.pk)
+    backend = Backend.objects.select_for_update(of=("self",)).select_related("project", "device").get(
+        pk=backend.pk)
     new_device = changes.get("device")
     moving = new_device is not None and getattr(new_device, "pk", new_device) != backend.device_id
     if isinstance(new_device, int):
@@ -258,6 +259,13 @@ def _audit(user, project: Project, action: str, obj, *, reason: str, after: dict
                  before=before, after={**after, "reason": reason})
 
 
+def _locked(task: QueueTask) -> QueueTask:
+    """The task's row locked (its own row only: the joined device row is the dispatcher's lock, taken first
+    there; locking it here too deadlocked a redirect against an admission)."""
+    return QueueTask.objects.select_related("project", "backend", "device").select_for_update(of=("self",)).get(
+        pk=task.pk)
+
+
 def _closed(task: QueueTask) -> ApiError:
     task.refresh_from_db()
     return ApiError(ErrorCode.TASK_CLOSED, f"The task is {task.state}.", status_code=409,
@@ -269,7 +277,7 @@ def cancel(*, task: QueueTask, user, reason: str = "", force: bool = False) -> Q
     ``force``: a running task is ended now and its worker process killed (an explicit, audited last resort)."""
     now = timezone.now()
     with transaction.atomic():
-        task = QueueTask.objects.select_related("project", "backend", "device").select_for_update().get(pk=task.pk)
+        task = _locked(task)
         before = {"state": task.state}
         if task.state in (State.QUEUED, State.ADMITTED) or (task.state == State.RUNNING and force):
             _drop_unstarted_load(task)
@@ -324,7 +332,7 @@ def redirect(*, task: QueueTask, backend: Backend, user, reason: str = "") -> Qu
                        status_code=422, details={"field": "backend"})
     now = timezone.now()
     with transaction.atomic():
-        task = QueueTask.objects.select_related("project", "backend", "device").select_for_update().get(pk=task.pk)
+        task = _locked(task)
         backend = Backend.objects.select_related("device").get(pk=backend.pk)
         if backend.pk == task.backend_id:
             raise ApiError(ErrorCode.INVALID_REQUEST, "The task is on this backend already.",
@@ -355,7 +363,7 @@ def redirect(*, task: QueueTask, backend: Backend, user, reason: str = "") -> Qu
 def reprioritise(*, task: QueueTask, priority: int, user, reason: str = "") -> QueueTask:
     if not -100 <= priority <= 100:
         raise ApiError(ErrorCode.INVALID_REQUEST, "priority: -100 to 100.", details={"field": "priority"})
-    task = QueueTask.objects.select_related("project", "backend", "device").select_for_update().get(pk=task.pk)
+    task = _locked(task)
     before = {"priority": task.priority}
     if not QueueTask.objects.filter(pk=task.pk, state=State.QUEUED).update(priority=priority):
         raise _closed(task)

@@ -539,3 +539,65 @@ def test_the_evals_page_shows_a_batch_progress_live_and_scores_reach_the_runs_li
     page.goto(f"{server.base}/runs/?agent=grader-bot")
     failed = page.locator("tr[data-status=failed] [data-field=scores]")
     assert "✗1" in failed.inner_text() and "run_succeeded: fail" in failed.get_attribute("title")
+
+
+SETUP_QUEUE = """
+from django.contrib.auth import get_user_model
+from apps.projects import services
+from apps.projects.models import Project, Role
+from apps.scheduler import services as queue
+from apps.scheduler.models import Device
+demo = Project.objects.get(slug="demo")
+user = (get_user_model().objects.filter(username="operator").first()
+        or get_user_model().objects.create_user("operator", password="pw-operator-123"))
+services.role_grant(project=demo, user=user, role=Role.OPERATOR, actor=None)
+if not Device.objects.filter(project=demo).exists():
+    gpu = queue.device_create(project=demo, actor=None, name="gpu0", gpu="declared:gpu0", memory_mb=24576)
+    queue.backend_create(project=demo, actor=None, name="sd-local", device=gpu, kind="handler", handler="sleep",
+                         model_memory={"sdxl": {"load_mb": 0, "request_mb": 4000}})
+"""
+
+
+def test_the_queue_page_follows_tasks_live_and_an_operator_pauses_a_device(server, browser):
+    server.manage("shell", "-c", SETUP_QUEUE)
+    agent_key = server.manage("create_api_key", "--project", "demo", "--scopes", "queue").strip()
+    headers = {"Authorization": f"Bearer {agent_key}", "Content-Type": "application/json"}
+
+    def submit(seconds):
+        status, body, _ = http.request("POST", f"{server.base}/api/v1/queue/tasks", headers=headers, timeout=20,
+                                       data=json.dumps({"kind": "image", "model": "sdxl",
+                                                        "input": {"seconds": seconds}}).encode())
+        assert status == 201, body
+        return json.loads(body)["id"]
+
+    page = sign_in(browser, server, user="operator")
+    page.goto(f"{server.base}/queue/")
+    live_ready(page)
+    sent = time.monotonic()
+    task = submit(2)
+    row = f"[data-queue=tasks] tr[data-task={task}]"
+    page.wait_for_selector(row, timeout=LIVE_WITHIN_MS + 3000)  # no reload: pushed by the queue's channel
+    elapsed_ms = (time.monotonic() - sent) * 1000
+    assert elapsed_ms < LIVE_WITHIN_MS, f"the task appeared after {elapsed_ms:.0f} ms"
+    page.wait_for_selector(f"{row}[data-state=running]", timeout=10_000)
+    shoot(page, "queue")
+    page.wait_for_selector(row, state="detached", timeout=15_000)  # it ended: gone from the open tasks
+    assert page.locator(f"[data-queue=recent] tr[data-task={task}][data-state=succeeded]").count() == 1
+
+    page.on("dialog", lambda dialog: dialog.accept("swap the card"))  # the confirmation, then the reason
+    page.click("[data-queue=devices] tr[data-device=gpu0] button[data-paused=true]")
+    page.wait_for_selector("[data-queue=devices] tr[data-device=gpu0][data-paused=true]", timeout=10_000)
+    held = submit(0)
+    page.wait_for_selector(f"[data-queue=tasks] tr[data-task={held}][data-state=queued]", timeout=10_000)
+    time.sleep(2.5)  # two ticks of the dispatcher: nothing starts on a paused device
+    assert page.locator(f"[data-queue=tasks] tr[data-task={held}]").get_attribute("data-state") == "queued"
+    page.dblclick(f"[data-queue=tasks] tr[data-task={held}] td.mono")
+    page.wait_for_selector(f"dialog[open] [data-task-history={held}] tr[data-event=submitted]", timeout=5000)
+    shoot(page, "queue-task")
+    page.keyboard.press("Escape")
+    page.click("[data-queue=devices] tr[data-device=gpu0] button[data-paused=false]")
+    page.wait_for_selector(f"[data-queue=tasks] tr[data-task={held}]", state="detached", timeout=15_000)
+    status, body, _ = http.request("GET", f"{server.base}/api/v1/queue/tasks/{held}", headers=headers, timeout=20)
+    assert json.loads(body)["state"] == "succeeded"
+    events = [e["event"] for e in json.loads(body)["history"]]
+    assert events[:2] == ["submitted", "admitted"] and events[-1] == "succeeded"

@@ -290,10 +290,10 @@ def test_run_pages_with_costs_ask_a_fixed_number_of_queries(client, bob, seeded,
         _page(client, "/runs/")
     # The overview: the runs' tiles, then spend by day, spikes, unpriced calls (and with a project, its
     # time zone for "today"), the budgets and the thresholds crossed, the approvals waiting (none: no list),
-    # the regressions (one).
-    with django_assert_num_queries(20):
+    # the regressions (one), the queue (what waits, what runs, what is paused, the devices).
+    with django_assert_num_queries(24):
         _page(client, "/")
-    with django_assert_num_queries(21):
+    with django_assert_num_queries(25):
         _page(client, "/", project="acme")
 
 

@@ -193,8 +193,9 @@ def test_pages_ask_a_fixed_number_of_queries(client, bob, project, make_key, dja
         assert client.get("/runs/?agent=support-bot&status=completed&meta=a=b").status_code == 200
     with django_assert_max_num_queries(15):  # ... and its reservations, its approvals, its scores
         assert client.get("/runs/acme/q-3/").status_code == 200
-    with django_assert_max_num_queries(20):  # ... the budgets' tile: the budgets, the thresholds crossed; the
-        # approvals' tile: what waits (the oldest only when something does); the regressions' tile: one
+    with django_assert_max_num_queries(24):  # ... the budgets' tile: the budgets, the thresholds crossed; the
+        # approvals' tile: what waits (the oldest only when something does); the regressions' tile: one; the
+        # queue's tile: what waits, what runs, what is paused, the devices
         assert client.get("/").status_code == 200
 
 

@@ -273,6 +273,7 @@ MATRIX: dict[tuple[str, str], Endpoint] = {
     ("GET", "agents/"): Endpoint(PAGE_LIST, "agents/", marker="project=acme"),
     ("GET", "costs/"): Endpoint(PAGE_LIST, "costs/", marker="acme-model"),
     ("GET", "evals/"): Endpoint(PAGE_LIST, "evals/", marker="acme-busy"),
+    ("GET", "queue/"): Endpoint(PAGE_LIST, "queue/", marker='data-queue-project="acme"'),
     ("GET", "sessions/<slug:project>/<path:session_id>/"): Endpoint(PAGE_READ, "sessions/acme/{session_id}/"),
     ("GET", "approvals/"): Endpoint(PAGE_LIST, "approvals/", marker="{approval_id}"),
     ("GET", "approvals/<slug:project>/<str:approval_id>/"): Endpoint(PAGE_READ, "approvals/acme/{approval_id}/"),
