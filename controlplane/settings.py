@@ -376,6 +376,9 @@ GATEWAY_DB_THREADS = env_int("GATEWAY_DB_THREADS", 4, minimum=1)
 GATEWAY_MAX_CONNECTIONS = env_int("GATEWAY_MAX_CONNECTIONS", 256, minimum=1)
 GATEWAY_CLIENT_POOLS = env_int("GATEWAY_CLIENT_POOLS", 16, minimum=1)
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024)
+# A model that a project's OpenAI-compatible GPU backend serves goes through the GPU queue (scheduler):
+# the call waits for its task at most GATEWAY_QUEUE_WAIT_SECONDS, then withdraws it and answers 503.
+GATEWAY_QUEUE_WAIT_SECONDS = env_float("GATEWAY_QUEUE_WAIT_SECONDS", 600, minimum=1)
 
 # --- Evals -----------------------------------------------------------------------------------------
 # After each run: a run's evaluations are due EVALS_AFTER_RUN_DELAY_SECONDS after its finish commits (late

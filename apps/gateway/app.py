@@ -31,6 +31,9 @@ from django.utils import timezone
 
 from apps.common.dbthreads import DbThreads
 from apps.common.errors import RETRY_AFTER_SECONDS
+from apps.scheduler import live as queue_live
+from apps.scheduler import selectors as queue_selectors
+from apps.scheduler import services as queue_services
 
 from . import calls
 from .calls import Attempt, Call, GatewayError
@@ -408,6 +411,168 @@ def _read_event(a: Attempt, event: bytes, text: list[str], started: float, wants
     return True
 
 
+# --- a call through the GPU queue -----------------------------------------------------------------
+
+# A nudge lost (the channel layer down or a message dropped) delays the answer by at most this.
+QUEUE_POLL_SECONDS = 1.0
+
+
+async def _await_task(call: Call, gone: asyncio.Event) -> queue_selectors.Outcome | None:
+    """The task once it ended, or None: the caller went away or the wait ran out. Woken by the task's own
+    group (``scheduler.live.task_group``), re-read from the queue of record each time."""
+    from channels.layers import get_channel_layer
+
+    loop = asyncio.get_running_loop()
+    ends = loop.time() + settings.GATEWAY_QUEUE_WAIT_SECONDS
+    layer, channel, group = get_channel_layer(), None, queue_live.task_group(call.queued.task_id)
+    try:
+        try:  # subscribe first, then read: an end committed in between is in the row or in the group
+            channel = await layer.new_channel()
+            await layer.group_add(group, channel)
+        except Exception as exc:  # noqa: BLE001 - the layer unreachable: read on a timer instead
+            logger.warning("gateway: no queue nudges for %s (%r); polling", call.queued.task_id, exc)
+            channel = None
+        lost = asyncio.ensure_future(gone.wait())
+        try:
+            while True:
+                try:
+                    found = await _db(queue_selectors.outcome)(call.queued.task_pk)
+                    if found.ended:
+                        return found
+                except DatabaseError:
+                    logger.warning("gateway: could not read task %s; retrying", call.queued.task_id, exc_info=True)
+                remaining = ends - loop.time()
+                if remaining <= 0 or gone.is_set():
+                    return None
+                waits = {lost}
+                nudged = asyncio.ensure_future(layer.receive(channel)) if channel is not None else None
+                if nudged is not None:
+                    waits.add(nudged)
+                await asyncio.wait(waits, timeout=min(remaining, QUEUE_POLL_SECONDS),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if nudged is not None and not nudged.done():
+                    nudged.cancel()
+                if gone.is_set():
+                    return None
+        finally:
+            lost.cancel()
+    finally:
+        if channel is not None:
+            try:
+                await layer.group_discard(group, channel)
+            except Exception as exc:  # noqa: BLE001 - the group entry expires anyway
+                logger.warning("gateway: leaving %s failed: %r", group, exc)
+
+
+async def _withdraw(call: Call, reason: str) -> None:
+    try:
+        await _db(queue_services.withdraw)(task_pk=call.queued.task_pk, actor=f"gateway (key {call.key.name})",
+                                           reason=reason)
+    except DatabaseError:  # the sweep and the task's own time limit end it; the reservation is released
+        logger.warning("gateway: could not withdraw task %s", call.queued.task_id, exc_info=True)
+
+
+def _queue_headers(call: Call) -> list[tuple[bytes, bytes]]:
+    return [*_call_headers(call), (b"x-controlplane-queue-task-id", call.queued.task_id.encode())]
+
+
+async def _queued(call: Call, body: dict, receive: Receive, send: Send) -> None:
+    """The call's task (``calls.begin`` submitted it) waited on until it ends; its result answered as the
+    server's own answer (as events when the client asked for a stream). A cancelled task (an operator's
+    act) answers 409, a failed one 502; a wait that runs out withdraws the task and answers 503; a client
+    that leaves withdraws it too. Only an answered call is charged."""
+    route = call.routes[0]
+    a = Attempt(route=route, span_id=call.queued.span_id, started_at=call.started_at)
+    a.extra["controlplane.queue.task_id"] = call.queued.task_id
+    gone = asyncio.Event()
+    watcher = asyncio.create_task(_watch(receive, gone))
+    try:
+        done = await _await_task(call, gone)
+    finally:
+        watcher.cancel()
+    if done is None:
+        client_gone = gone.is_set()
+        reason = ("the caller went away" if client_gone else
+                  f"no result in {settings.GATEWAY_QUEUE_WAIT_SECONDS:g} s")
+        await _withdraw(call, reason)
+        _fail(a, "client_disconnected" if client_gone else "queue_timeout", f"{call.queued.task_id}: {reason}")
+        if not client_gone:
+            await _json(send, 503, GatewayError(
+                503, "queue_timeout", f"The GPU queue did not run the call in {settings.GATEWAY_QUEUE_WAIT_SECONDS:g} s; "
+                "its task was withdrawn and nothing was charged. Retry later.",
+                details={"task_id": call.queued.task_id}).body(),
+                [*_queue_headers(call), (b"retry-after", str(RETRY_AFTER_SECONDS).encode())])
+        await _finish(call, [a], answered=None, client_gone=client_gone)
+        return
+    a.extra.update({"controlplane.queue.backend": done.backend, "controlplane.queue.device": done.device,
+                    "controlplane.queue.attempts": done.attempts})
+    if done.state != "succeeded" or not isinstance(done.result, dict):
+        cancelled = done.state == "cancelled"
+        code = "task_cancelled" if cancelled else "backend_failed"
+        message = (f"An operator cancelled the call's task {call.queued.task_id}: {done.error_message}" if cancelled
+                   else f"The GPU backend {done.backend} failed the call ({done.error_code}): {done.error_message}")
+        _fail(a, done.error_code or code, message)
+        await _json(send, 409 if cancelled else 502, GatewayError(
+            409 if cancelled else 502, code, message + " Nothing was charged.",
+            details={"task_id": call.queued.task_id, "task_error_code": done.error_code or None}).body(),
+            _queue_headers(call))
+        await _finish(call, [a], answered=None)
+        return
+    result = done.result
+    a.ok, a.ended_at = True, done.finished_at or timezone.now()
+    a.usage = _usage(result.get("usage"))
+    a.response_model = result.get("model") if isinstance(result.get("model"), str) else ""
+    choices = result.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        a.output_message = choices[0].get("message")
+    if body.get("stream") is True:
+        client_gone = await _send_events(call, result, body, send)
+        await _finish(call, [a], answered=a, client_gone=client_gone)
+        return
+    data = json.dumps(result).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [*_JSON, (b"content-length", str(len(data)).encode()), *_queue_headers(call)]})
+    await send({"type": "http.response.body", "body": data})
+    await _finish(call, [a], answered=a)
+
+
+def _chunks(result: dict, wants_usage: bool) -> list[dict]:
+    """A whole chat completion as the events a stream of it would have sent: each choice's message as one
+    delta, then its finish reason, then (when asked) the usage."""
+    base = {"id": result.get("id") or f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+            "created": result.get("created") or int(time.time()), "model": result.get("model")}
+    out = []
+    for choice in result.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        delta = {k: v for k, v in message.items() if v is not None}
+        if isinstance(delta.get("tool_calls"), list):
+            delta["tool_calls"] = [{"index": i, **c} if isinstance(c, dict) else c
+                                   for i, c in enumerate(delta["tool_calls"])]
+        index = choice.get("index", 0)
+        out.append({**base, "choices": [{"index": index, "delta": delta, "finish_reason": None}]})
+        out.append({**base, "choices": [{"index": index, "delta": {},
+                                         "finish_reason": choice.get("finish_reason") or "stop"}]})
+    if wants_usage and isinstance(result.get("usage"), dict):
+        out.append({**base, "choices": [], "usage": result["usage"]})
+    return out
+
+
+async def _send_events(call: Call, result: dict, body: dict, send: Send) -> bool:
+    """Answer the result as server-sent events; returns whether the client went away."""
+    wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    events = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in _chunks(result, wants_usage))
+    try:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                                *_queue_headers(call)]})
+        await send({"type": "http.response.body", "body": events + b"data: [DONE]\n\n", "more_body": False})
+    except Exception:  # noqa: BLE001 - gone before the answer went out: it was produced, so charged
+        return True
+    return False
+
+
 # --- the routes -----------------------------------------------------------------------------------
 
 
@@ -430,7 +595,9 @@ async def _begin(scope: Scope, receive: Receive, endpoint: str) -> tuple[Call, d
 
 async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
     call, body = await _begin(scope, receive, "chat.completions")
-    if body.get("stream") is True:
+    if call.queued is not None:
+        await _queued(call, body, receive, send)
+    elif body.get("stream") is True:
         await _stream(call, body, receive, send)
     else:
         await _once(call, json.dumps(body).encode(), "chat/completions", send)
@@ -438,7 +605,10 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
 
 async def embeddings(scope: Scope, receive: Receive, send: Send) -> None:
     call, body = await _begin(scope, receive, "embeddings")
-    await _once(call, json.dumps(body).encode(), "embeddings", send)
+    if call.queued is not None:
+        await _queued(call, body, receive, send)
+    else:
+        await _once(call, json.dumps(body).encode(), "embeddings", send)
 
 
 async def list_models(scope: Scope, receive: Receive, send: Send) -> None:

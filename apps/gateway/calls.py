@@ -16,24 +16,31 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 from rest_framework.exceptions import AuthenticationFailed
 
 from apps.budgets import ledger
 from apps.budgets import services as budgets
+from apps.common.errors import ApiError
 from apps.common.ttl import TTLCache
 from apps.projects.models import ApiKey, hash_api_key
 from apps.projects.services import api_key_authenticate
+from apps.scheduler import services as queue
 from apps.traces import records
 from apps.traces import services as traces
 
-from .services import Route, routes_for
+from .services import Route, routes_for, served_locally
 
 logger = logging.getLogger(__name__)
 
 TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 REQUIRED_SCOPES = ("budget", "ingest")
+# The provider a call served on the project's own GPUs is priced under (a price override names it, or
+# names no provider; the price database knows no such provider, so that an unpriced local model holds
+# nothing: no one bills it per call).
+LOCAL_PROVIDER = "self-hosted"
 # What of the messages a span keeps: the conversation in and the answer out, when they fit a record.
 _MAX_MESSAGES_BYTES = 256 * 1024
 
@@ -88,6 +95,16 @@ class Call:
     started_at: datetime
     reservation: Any = None
     request_messages: Any = None
+    queued: Queued | None = None
+
+
+@dataclass(frozen=True)
+class Queued:
+    """The call's task on the GPU queue (a model one of the project's GPU backends serves)."""
+
+    task_pk: int
+    task_id: str
+    span_id: str
 
 
 @dataclass
@@ -129,7 +146,11 @@ def begin(*, raw_key: str | None, endpoint: str, body: dict, headers: dict[str, 
         model = body.get("model")
         if not isinstance(model, str) or not model or len(model) > 200:
             raise GatewayError(400, "invalid_request", "model: a model name is required.", details={"param": "model"})
-        routes = routes_for(key.project_id, model)
+        local = served_locally(key.project_id, model)
+        if local and not key.has_scope("queue"):
+            raise GatewayError(403, "missing_scope", f"'{model}' runs on this project's GPUs: this API key lacks "
+                               "the queue scope.")
+        routes = [_local_route(model)] if local else routes_for(key.project_id, model)
         if not routes:
             raise GatewayError(404, "model_not_found", f"No upstream of this project serves the model '{model}'.",
                                details={"param": "model"})
@@ -154,7 +175,7 @@ def begin(*, raw_key: str | None, endpoint: str, body: dict, headers: dict[str, 
                 raise GatewayError(400, "invalid_request", "max_tokens: a positive integer.",
                                    details={"param": "max_tokens"})
             max_out = max_out or routes[0].max_output_tokens or budgets.model_limit(model, routes[0].provider)
-            if not max_out:
+            if not max_out and not local:
                 raise GatewayError(400, "max_tokens_required",
                                    f"Send max_tokens: neither the upstream nor the price database gives '{model}' "
                                    "a limit to hold budget for.", details={"param": "max_tokens"})
@@ -165,10 +186,16 @@ def begin(*, raw_key: str | None, endpoint: str, body: dict, headers: dict[str, 
         call = Call(key=key, endpoint=endpoint, model=model, routes=routes, run_id=run_id, new_run=new_run,
                     parent_span_id=parent, agent=agent, end_user=end_user, input_bound=input_bound, started_at=now,
                     request_messages=payload if endpoint != "embeddings" else None)
+        estimate, ttl = None, None
+        if local:
+            estimate = _local_estimate(key, model, input_bound, max_out, now)
+            ttl = max(settings.BUDGETS_RESERVATION_TTL_SECONDS,
+                      int(settings.GATEWAY_QUEUE_WAIT_SECONDS) + settings.SCHEDULER_TASK_TIME_LIMIT)
         try:
             held = budgets.reservation_create(project_id=key.project_id, api_key_id=key.pk, input_tokens=input_bound,
                                               max_output_tokens=max_out, agent=agent, end_user=end_user, model=model,
-                                              provider=routes[0].provider, run_id=run_id, now=now)
+                                              provider=routes[0].provider, run_id=run_id, now=now,
+                                              estimated_nanos=estimate, ttl_seconds=ttl)
         except ledger.BudgetExceeded as exc:
             first = exc.refusals[0]
             raise GatewayError(
@@ -179,10 +206,54 @@ def begin(*, raw_key: str | None, endpoint: str, body: dict, headers: dict[str, 
         except budgets.ModelUnpriced as exc:
             raise GatewayError(422, "model_unpriced", str(exc), details={"param": "model"}) from None
         call.reservation = held.reservation
+        if local:
+            _enqueue(call, body)
         return call
     except DatabaseError:
         connection.close_if_unusable_or_obsolete()  # a broken connection goes back to the pool, not reused
         raise
+
+
+# --- a model served on the project's own GPUs --------------------------------------------------------
+
+
+def _local_route(model: str) -> Route:
+    return Route(id=0, name="gpu-queue", base_url="", provider=LOCAL_PROVIDER, api_key_env="", patterns=(model,),
+                 timeout_seconds=settings.GATEWAY_QUEUE_WAIT_SECONDS, max_output_tokens=None)
+
+
+def _local_estimate(key: ApiKey, model: str, input_bound: int, max_out: int | None, now: datetime) -> int:
+    """What a call on the project's GPUs holds: its price's upper bound where the project prices the model
+    (then max_tokens is needed, as for any priced call), else nothing."""
+    priced = budgets.estimate(project_id=key.project_id, model=model, provider=LOCAL_PROVIDER,
+                              input_tokens=input_bound, max_output_tokens=max_out or 0, now=now)
+    if priced is None:
+        return 0
+    if not max_out:
+        raise GatewayError(400, "max_tokens_required",
+                           f"Send max_tokens: '{model}' is priced for this project and has no limit to hold "
+                           "budget for.", details={"param": "max_tokens"})
+    return priced
+
+
+def _enqueue(call: Call, body: dict) -> None:
+    """Submit the call as a task of the GPU queue (chat or embedding), on the run and under the span the
+    call records; a refusal releases the reservation and answers as the queue's API would."""
+    span_id = uuid.uuid4().hex[:16]
+    task_input = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "model")}
+    try:
+        submitted = queue.submit(
+            project=call.key.project, kind="embedding" if call.endpoint == "embeddings" else "chat", model=call.model,
+            key=call.key, task_input=task_input, run_id=call.run_id, span_id=span_id, end_user=call.end_user,
+            backend_kind="openai")
+    except ApiError as exc:
+        budgets.reservation_release(reservation=call.reservation)
+        raise GatewayError(exc.status_code, str(exc.error_code), str(exc.detail),
+                           details={"param": exc.details.get("field")}) from None
+    except BaseException:
+        budgets.reservation_release(reservation=call.reservation)
+        raise
+    call.queued = Queued(task_pk=submitted.task.pk, task_id=submitted.task.public_id, span_id=span_id)
 
 
 # --- after the call -------------------------------------------------------------------------------

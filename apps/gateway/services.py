@@ -11,6 +11,7 @@ from django.db import transaction
 from apps.common.ttl import TTLCache
 from apps.projects.models import Project
 from apps.projects.services import audit_change, update_audited
+from apps.scheduler import selectors as queue
 
 from .models import Upstream
 
@@ -89,9 +90,19 @@ def routes_for(project_id: int, model: str) -> list[Route]:
     return [r for r in _project_routes(project_id) if r.serves(model)]
 
 
+_local = TTLCache("GATEWAY_ROUTES_TTL_SECONDS")
+
+
+def served_locally(project_id: int, model: str) -> bool:
+    """Whether one of the project's GPU backends serves ``model`` (its calls then go through the queue,
+    never to an upstream); read at most every GATEWAY_ROUTES_TTL_SECONDS per project."""
+    return model in _local.get(project_id, lambda: frozenset(queue.local_models(project_id)))
+
+
 def models_of(project_id: int) -> list[str]:
-    """The model names the project's upstreams serve (globs left out: they name no one model)."""
-    names: list[str] = []
+    """The model names the project's GPU backends and upstreams serve (globs left out: they name no one
+    model)."""
+    names: list[str] = sorted(_local.get(project_id, lambda: frozenset(queue.local_models(project_id))))
     for r in _project_routes(project_id):
         for p in r.patterns:
             if not any(c in p for c in "*?[") and p not in names:

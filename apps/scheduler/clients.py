@@ -48,8 +48,13 @@ class OpenAIClient:
         self.base = backend.url.rstrip("/")
 
     def load(self, model: str) -> None:
-        with httpx.Client(timeout=TIMEOUT) as client:
-            client.get(f"{self.base}/models").raise_for_status()
+        try:
+            with httpx.Client(timeout=TIMEOUT) as client:
+                response = client.get(f"{self.base}/models")
+        except httpx.HTTPError as exc:
+            raise BackendError("backend_unreachable", f"{type(exc).__name__}: {exc}") from None
+        if response.status_code >= 400:
+            raise BackendError("backend_error", f"loading {model}: {response.status_code}: {response.text[:500]}")
 
     def unload(self, model: str) -> None:
         """Ollama frees a model on a request with keep_alive 0; other servers keep their one model."""

@@ -50,6 +50,40 @@ def task_json(task: QueueTask, history: list[DispatchEvent] | None = None, *, wi
     return out
 
 
+def local_models(project_id: int) -> set[str]:
+    """The models the project's enabled OpenAI-compatible backends serve (on enabled devices): what the
+    gateway sends through the queue rather than to an upstream (as ``services.pick_backend`` chooses)."""
+    found: set[str] = set()
+    for memory in Backend.objects.filter(project_id=project_id, enabled=True, kind=Backend.Kind.OPENAI).values_list("model_memory", flat=True):
+        if isinstance(memory, dict):
+            found.update(memory)
+    return found
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Where a task stands, as one who waits on it reads it (no model instance crosses into async code)."""
+
+    state: str
+    ended: bool
+    backend: str
+    device: str
+    attempts: int
+    redirects: int
+    result: dict | list | None
+    error_code: str
+    error_message: str
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+def outcome(task_pk: int) -> Outcome:
+    t = QueueTask.objects.select_related("backend", "device").get(pk=task_pk)
+    return Outcome(state=t.state, ended=t.is_terminal, backend=t.backend.name, device=t.device.name,
+                   attempts=t.attempts, redirects=t.redirects, result=t.result, error_code=t.error_code,
+                   error_message=t.error_message, started_at=t.started_at, finished_at=t.finished_at)
+
+
 def task(*, principal, task_id: str) -> QueueTask:
     found = QueueTask.objects.visible_to(principal).select_related("project", "backend", "device").filter(
         public_id=task_id).first()

@@ -149,10 +149,12 @@ def _who(key: ApiKey | None, user) -> str:
     return user.get_username() if user is not None else "system"
 
 
-def pick_backend(project: Project, model: str, name: str = "") -> Backend:
+def pick_backend(project: Project, model: str, name: str = "", kind: str = "") -> Backend:
     """The backend a task for ``model`` goes to: the one named, or of the enabled backends serving the model
-    the one with the least open work (then by name)."""
+    (of ``kind``, when given) the one with the least open work (then by name)."""
     found = Backend.objects.filter(project=project, enabled=True).select_related("device")
+    if kind:
+        found = found.filter(kind=kind)
     if name:
         backend = found.filter(name=name).first()
         if backend is None:
@@ -190,7 +192,7 @@ class Submitted:
 def submit(*, project: Project, kind: str, model: str, key: ApiKey | None = None, user=None, backend: str = "",
            memory_mb: int | None = None, priority: int = 0, task_input: dict | None = None, run_id: str = "",
            span_id: str = "", end_user: str = "", max_attempts: int = 3,
-           idempotency_key: str | None = None) -> Submitted:
+           idempotency_key: str | None = None, backend_kind: str = "") -> Submitted:
     """Queue one task. Its memory is the backend's per-request need for the model unless more is asked;
     refused (422) where no backend serves the model or the task could not fit even on a drained device.
     An ``idempotency_key`` the key used already answers the task it created."""
@@ -208,7 +210,7 @@ def submit(*, project: Project, kind: str, model: str, key: ApiKey | None = None
         found = _idempotent(project, key, idempotency_key, body_hash)
         if found is not None:
             return Submitted(found, created=False)
-    chosen = pick_backend(project, model, backend)
+    chosen = pick_backend(project, model, backend, backend_kind)
     need = chosen.need(model)
     memory = max(int(need["request_mb"]), int(memory_mb or 0))
     _check_fits(chosen, model, memory)
@@ -279,19 +281,9 @@ def cancel(*, task: QueueTask, user, reason: str = "", force: bool = False) -> Q
     with transaction.atomic():
         task = _locked(task)
         before = {"state": task.state}
-        if task.state in (State.QUEUED, State.ADMITTED) or (task.state == State.RUNNING and force):
-            _drop_unstarted_load(task)
-            QueueTask.objects.filter(pk=task.pk).update(
-                state=State.CANCELLED, finished_at=now, generation=F("generation") + 1, lease_until=None,
-                error_code="cancelled", error_message=reason[:2000], cancel_requested=True, redirect_to=None)
-            task.refresh_from_db()
-            trace.finished(task, now=now)
-        elif task.state == State.RUNNING:
-            QueueTask.objects.filter(pk=task.pk).update(cancel_requested=True, redirect_to=None,
-                                                        error_message=reason[:2000])
-            task.refresh_from_db()
-        else:
+        if task.is_terminal:
             raise _closed(task)
+        _stop(task, now=now, code="cancelled", reason=reason, at_once=task.state != State.RUNNING or force)
         event(task, "cancel_forced" if force and before["state"] == State.RUNNING else
               "cancel_requested" if task.state == State.RUNNING else "cancelled", actor=user.get_username(),
               detail={"reason": reason, "was": before["state"]})
@@ -303,6 +295,42 @@ def cancel(*, task: QueueTask, user, reason: str = "", force: bool = False) -> Q
             transaction.on_commit(lambda: _terminate(worker_id), robust=True)
         transaction.on_commit(lambda: _wake(task.project_id))
     return task
+
+
+def withdraw(*, task_pk: int, actor: str, reason: str) -> str:
+    """The submitter takes its task back (the gateway, when its caller went away or waited too long): a task
+    not started never starts, a running one is asked to stop. Not an operator's act, so not audited; the
+    dispatch history names who. Answers the task's state after (a task that ended already is left so)."""
+    now = timezone.now()
+    with transaction.atomic():
+        task = QueueTask.objects.select_related("project", "backend", "device").select_for_update(
+            of=("self",)).filter(pk=task_pk).first()
+        if task is None or task.is_terminal:
+            return task.state if task else ""
+        was = task.state
+        _stop(task, now=now, code="withdrawn", reason=reason, at_once=was != State.RUNNING)
+        event(task, "withdrawn" if task.state == State.CANCELLED else "withdraw_requested", actor=actor,
+              detail={"reason": reason, "was": was})
+        live.publish_task(task)
+        transaction.on_commit(lambda: _wake(task.project_id))
+    return task.state
+
+
+def _stop(task: QueueTask, *, now, code: str, reason: str, at_once: bool) -> None:
+    """End the (locked, open) task now (``at_once``: a queued or admitted one, or a running one forced; its
+    generation bumped, so no message or worker of it claims or finishes anything), or ask its worker to
+    stop it."""
+    if at_once:
+        _drop_unstarted_load(task)
+        QueueTask.objects.filter(pk=task.pk).update(
+            state=State.CANCELLED, finished_at=now, generation=F("generation") + 1, lease_until=None,
+            error_code=code, error_message=reason[:2000], cancel_requested=True, redirect_to=None)
+        task.refresh_from_db()
+        trace.finished(task, now=now)
+    else:
+        QueueTask.objects.filter(pk=task.pk).update(cancel_requested=True, redirect_to=None,
+                                                    error_message=reason[:2000])
+        task.refresh_from_db()
 
 
 def _drop_unstarted_load(task: QueueTask) -> None:

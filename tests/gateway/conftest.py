@@ -39,12 +39,17 @@ def _database_url() -> str:
 def gateway_server(django_db_setup, django_db_blocker, tmp_path_factory):
     """The base URL of a Daphne process serving the whole ASGI application (the gateway mounted beside
     Django), as ``make web`` serves it, on the test database."""
+    yield from serve_gateway(tmp_path_factory)
+
+
+def serve_gateway(tmp_path_factory, **env_extra: str):
+    """Run Daphne on the test database (with ``env_extra`` in its environment); yields its base URL."""
     if connection.vendor != "postgresql":
         pytest.skip("the gateway server runs in a second process: PostgreSQL only")
     port = _free_port()
     log = (tmp_path_factory.mktemp("gateway") / "daphne.log").open("w")
     env = {**os.environ, "DATABASE_URL": _database_url(), "GATEWAY_ROUTES_TTL_SECONDS": "0",
-           "DATA_DIR": str(tmp_path_factory.mktemp("gateway-data"))}
+           "DATA_DIR": str(tmp_path_factory.mktemp("gateway-data")), **env_extra}
     proc = subprocess.Popen([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
                              "controlplane.asgi:application"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -99,3 +104,16 @@ def _gateway_quiet(request):
                 and IngestBatch.objects.filter(source="gateway").count() >= admitted.count()):
             return
         time.sleep(0.05)
+
+
+def settled(reservation_id: int, timeout: float = 10):
+    """The reservation once the gateway has settled or released it (it does after answering)."""
+    from apps.budgets.models import Reservation
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = Reservation.objects.get(pk=reservation_id)
+        if r.state != "held":
+            return r
+        time.sleep(0.05)
+    raise AssertionError(f"reservation {reservation_id} still held")

@@ -16,7 +16,7 @@ from apps.budgets import services as budgets
 from apps.budgets.models import BudgetLedger, Reservation, SpanCost
 from apps.gateway import services
 from apps.traces.models import IngestBatch, Run, Span
-from tests.gateway.conftest import needs_postgres
+from tests.gateway.conftest import needs_postgres, settled
 from tests.traces.helpers import drain
 
 pytestmark = [pytest.mark.django_db(transaction=True), needs_postgres]
@@ -53,17 +53,6 @@ def only_run(calls: int = 1, timeout: float = 10) -> Run:
     drain()
     [run] = Run.objects.all()
     return run
-
-
-def settled(reservation_id: int, timeout: float = 10) -> Reservation:
-    """The gateway settles after the client has its answer: wait for it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = Reservation.objects.get(pk=reservation_id)
-        if r.state != "held":
-            return r
-        time.sleep(0.05)
-    raise AssertionError(f"reservation {reservation_id} still held")
 
 
 def test_the_openai_sdk_works_unchanged_and_the_call_is_reserved_recorded_and_settled(
