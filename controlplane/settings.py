@@ -441,6 +441,8 @@ SCHEDULER_LEASE_SECONDS = env_float("SCHEDULER_LEASE_SECONDS", 30, minimum=1)
 SCHEDULER_HEARTBEAT_SECONDS = env_float("SCHEDULER_HEARTBEAT_SECONDS", 2, minimum=0.05)
 SCHEDULER_CLAIM_GRACE_SECONDS = env_float("SCHEDULER_CLAIM_GRACE_SECONDS", 30, minimum=1)
 SCHEDULER_TASK_TIME_LIMIT = env_int("SCHEDULER_TASK_TIME_LIMIT", 3600, minimum=1)
+# A worker whose attempt ended admits what it freed on its device at once (else the dispatcher's wake-up).
+SCHEDULER_DISPATCH_ON_FINISH = env_bool("SCHEDULER_DISPATCH_ON_FINISH", True)
 if SCHEDULER_HEARTBEAT_SECONDS * 3 > SCHEDULER_LEASE_SECONDS:
     raise ImproperlyConfigured("SCHEDULER_HEARTBEAT_SECONDS: at most a third of SCHEDULER_LEASE_SECONDS.")
 # An agent's long-poll on a task waits at most SCHEDULER_MAX_WAIT_SECONDS (then asks again); the waits read

@@ -4,6 +4,14 @@ Live pages subscribe to groups; services publish after their transaction commits
 best effort by design: a slow or unreachable channel layer is logged, never raised, and never holds
 up the write that triggered it (bounded by ``PUBLISH_TIMEOUT``).
 
+Synchronous callers (a Celery task, a request thread) hand their sends to Redis through one event loop
+per process, run by a daemon thread (``_Publisher``): the caller does not wait for Redis, and the
+channel layer's connections (pooled per event loop) are kept instead of a loop and a connection made
+per publish, which ``async_to_sync`` would cost (tens of milliseconds per publish on a busy machine,
+paid by the dispatcher before its workers' messages went out). Sends stay in order; at exit the
+pending ones get a moment. The in-memory layer (embedded mode, tests without Redis) keeps
+``async_to_sync``: its queues belong to its consumers' loop.
+
 In embedded mode the worker runs on a thread of the Daphne process and the in-memory layer belongs
 to Daphne's event loop, which is not thread-safe: ``bind_loop`` (called by ``serve``) lets a worker
 thread hand the send to that loop instead of running it on a loop of its own.
@@ -11,11 +19,14 @@ thread hand the send to that loop instead of running it on a loop of its own.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import concurrent.futures
 import logging
+import os
 import threading
 
 from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
+from channels.layers import InMemoryChannelLayer, get_channel_layer
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +51,49 @@ def _log_failure(future) -> None:
         logger.warning("live publish failed: %r", exc)
 
 
+class _Publisher:
+    """This process's publishing loop, on a daemon thread started at first use (again in a forked child:
+    a loop and its connections never cross a fork)."""
+
+    def __init__(self) -> None:
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)
+        atexit.register(self.flush)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pending: set[concurrent.futures.Future] = set()
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._thread is None or not self._thread.is_alive():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="live-publisher", daemon=True)
+                thread.start()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    def submit(self, layer, messages: list[tuple[str, dict]]) -> concurrent.futures.Future:
+        future = asyncio.run_coroutine_threadsafe(_send_many(layer, messages), self._running_loop())
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+        future.add_done_callback(_log_failure)
+        return future
+
+    def flush(self, timeout: float = PUBLISH_TIMEOUT) -> None:
+        """Wait (up to ``timeout``) for the sends handed over so far (at exit; tests)."""
+        pending = list(self._pending)
+        if pending:
+            concurrent.futures.wait(pending, timeout=timeout)
+
+
+_publisher = _Publisher()
+flush = _publisher.flush
+
+
 def publish_many(messages: list[tuple[str, dict]]) -> None:
     """Send ``(group, message)`` pairs; never raises, never waits longer than PUBLISH_TIMEOUT per send."""
     if not messages:
@@ -55,7 +109,12 @@ def publish_many(messages: list[tuple[str, dict]]) -> None:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            async_to_sync(_send_many)(layer, messages)
+            if isinstance(layer, InMemoryChannelLayer):
+                # Its queues belong to the event loop its consumers run on: asgiref sends from there
+                # (a SyncToAsync thread's outer loop), never from a loop of our own.
+                async_to_sync(_send_many)(layer, messages)
+            else:
+                _publisher.submit(layer, messages)
         else:  # called from async code: schedule, do not block the loop
             asyncio.ensure_future(_send_many(layer, messages)).add_done_callback(_log_failure)
     except Exception as exc:  # noqa: BLE001 - publishing must never fail the caller

@@ -210,12 +210,36 @@ class WaitConsumer(AsyncJsonWebsocketConsumer):
         if not read.waiting:
             await self.close(code=1000)
 
+    _reading: asyncio.Task | None = None
+    _stale = False
+    _closed = False
+
     async def dispatch(self, message):
-        """Every message of the row's group (whatever its type) is a nudge: send the row as it is now."""
+        """Every message of the row's group (whatever its type) is a nudge: send the row as it is now. Nudges
+        that come while a read is under way coalesce into one more read after it (the latest state wins: a
+        burst of changes costs two reads, not one each)."""
         if message["type"].startswith("websocket."):
             return await super().dispatch(message)
-        await self._send_state()
+        self._stale = True
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(self._refresh())
+
+    async def _refresh(self):
+        try:
+            while self._stale and not self._closed:
+                self._stale = False
+                await self._send_state()
+        except Exception:  # the database gone mid-wait: the agent reconnects (its state is the row's)
+            logger.warning("%s socket: reading %s failed", self.waitable.name, self.row_id, exc_info=True)
+            await self.close(code=1011)
+
+    async def close(self, code=None, reason=None):
+        self._closed = True
+        await super().close(code=code, reason=reason)
 
     async def disconnect(self, code):
+        self._closed = True
+        if self._reading is not None and not self._reading.done():
+            self._reading.cancel()
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)

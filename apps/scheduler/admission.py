@@ -52,6 +52,7 @@ class BackendView:
     paused: bool = False
     throttle_ms: int = 0
     last_start_at: datetime | None = None
+    name: str = ""
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Plan:
     waits: dict[int, str] = field(default_factory=dict)  # task id → why it waits
 
 
-def _elapsed_ms(now: datetime, then: datetime | None) -> float:
+def elapsed_ms(now: datetime, then: datetime | None) -> float:
     return float("inf") if then is None else (now - then).total_seconds() * 1000
 
 
@@ -97,7 +98,7 @@ def plan(device: DeviceView, backends: dict[int, BackendView], waiting: list[Wai
     if device.paused:
         out.waits = dict.fromkeys((t.id for t in waiting), "paused")
         return out
-    if _elapsed_ms(now, device.last_start_at) < device.throttle_ms:
+    if device.throttle_ms and elapsed_ms(now, device.last_start_at) < device.throttle_ms:
         out.waits = dict.fromkeys((t.id for t in waiting), "throttled")
         return out
     loaded = dict(device.loaded)
@@ -118,7 +119,7 @@ def plan(device: DeviceView, backends: dict[int, BackendView], waiting: list[Wai
         if b.active >= b.concurrency:
             out.waits[task.id] = "concurrency"
             continue
-        if b.throttle_ms and (b.id in started or _elapsed_ms(now, b.last_start_at) < b.throttle_ms):
+        if b.throttle_ms and (b.id in started or elapsed_ms(now, b.last_start_at) < b.throttle_ms):
             out.waits[task.id] = "throttled"
             continue
         if device.throttle_ms and out.admit:

@@ -15,11 +15,12 @@ dispatch every device with waiting work.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Count, F, Q, Sum
+from django.db import connection, transaction
+from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
 from . import admission, gpus, live
@@ -40,11 +41,28 @@ def device_queue(gpu: str) -> str:
 
 
 def held_mb(device_id: int) -> int:
-    """The ledger: what admitted and running tasks and loaded (loading, unloading) models hold."""
-    tasks = QueueTask.objects.filter(device_id=device_id, state__in=QueueTask.HOLDING).aggregate(
-        m=Sum("memory_mb"))["m"] or 0
-    models = LoadedModel.objects.filter(device_id=device_id).aggregate(m=Sum("memory_mb"))["m"] or 0
-    return tasks + models
+    """The ledger: what admitted and running tasks and loaded (loading, unloading) models hold. One
+    statement, written out: it runs in every admission after the decision, where the ORM's compiling
+    cost more than the query."""
+    tasks, models = QueueTask._meta.db_table, LoadedModel._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT (SELECT COALESCE(SUM(memory_mb), 0) FROM {tasks} WHERE device_id = %s AND state IN (%s, %s))"
+            f" + (SELECT COALESCE(SUM(memory_mb), 0) FROM {models} WHERE device_id = %s)",
+            [device_id, *QueueTask.HOLDING, device_id])
+        return int(cursor.fetchone()[0])
+
+
+def _admit(task_id: int, generation: int, at: datetime) -> bool:
+    """``queued → admitted`` if the task is still queued under the generation read (written out, as
+    ``held_mb``)."""
+    at_value = connection.ops.adapt_datetimefield_value(at)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {QueueTask._meta.db_table} SET state = %s, admitted_at = %s, sent_at = %s, "
+            "generation = generation + 1 WHERE id = %s AND state = %s AND generation = %s",
+            [State.ADMITTED, at_value, at_value, task_id, State.QUEUED, generation])
+        return cursor.rowcount == 1
 
 
 def live_free_mb(device: Device, now: datetime) -> int | None:
@@ -71,7 +89,7 @@ def _controls(device: Device) -> dict:
 
 
 def _view(device: Device, now: datetime) -> tuple[admission.DeviceView, dict[int, admission.BackendView],
-                                                  list[admission.Waiting]]:
+                                                  list[admission.Waiting], dict[int, dict]]:
     controls = _controls(device)
     busy = {(r["backend_id"], r["model"]): r for r in QueueTask.objects.filter(
         device=device, state__in=QueueTask.HOLDING).values("backend_id", "model").annotate(n=Count("id"),
@@ -83,7 +101,7 @@ def _view(device: Device, now: datetime) -> tuple[admission.DeviceView, dict[int
     for b in Backend.objects.filter(device=device, enabled=True):
         c = controls["backends"].get(b.pk)
         backends[b.pk] = admission.BackendView(
-            id=b.pk, model_memory=b.model_memory if isinstance(b.model_memory, dict) else {},
+            id=b.pk, name=b.name, model_memory=b.model_memory if isinstance(b.model_memory, dict) else {},
             concurrency=b.concurrency, active=active.get(b.pk, 0), paused=bool(c and c.paused),
             throttle_ms=c.throttle_ms if c else 0, last_start_at=b.last_start_at)
     loaded = {(m.backend_id, m.model): admission.Loaded(m.backend_id, m.model, m.memory_mb, m.state, m.last_used_at,
@@ -94,66 +112,58 @@ def _view(device: Device, now: datetime) -> tuple[admission.DeviceView, dict[int
         usable_mb=device.usable_mb, held_tasks_mb=sum(r["m"] or 0 for r in busy.values()), loaded=loaded,
         live_free_mb=live_free_mb(device, now), paused=bool((queue and queue.paused) or (dev and dev.paused)),
         throttle_ms=dev.throttle_ms if dev else 0, last_start_at=device.last_start_at)
+    # Only tasks of backends that may start one now can be admitted (the plan passes over the others and
+    # they hold nothing back): a paused or throttled device, or every backend full, reads no waiting row.
+    open_backends = [b.id for b in backends.values() if not b.paused and b.active < b.concurrency and not (
+        b.throttle_ms and admission.elapsed_ms(now, b.last_start_at) < b.throttle_ms)]
+    rows = []
+    if open_backends and not view.paused and not (
+            view.throttle_ms and admission.elapsed_ms(now, view.last_start_at) < view.throttle_ms):
+        rows = list(QueueTask.objects.filter(device=device, state=State.QUEUED, backend_id__in=open_backends).order_by(
+            "-priority", "queued_at", "id").values("id", "public_id", "generation", "backend_id", "model", "memory_mb",
+                                                   "priority", "queued_at")[:settings.SCHEDULER_SCAN_LIMIT])
     waiting = [admission.Waiting(id=t["id"], backend_id=t["backend_id"], model=t["model"], memory_mb=t["memory_mb"],
-                                 priority=t["priority"], queued_at=t["queued_at"])
-               for t in QueueTask.objects.filter(device=device, state=State.QUEUED).order_by(
-                   "-priority", "queued_at", "id").values("id", "backend_id", "model", "memory_mb", "priority",
-                                                          "queued_at")[:settings.SCHEDULER_SCAN_LIMIT]]
-    return view, backends, waiting
+                                 priority=t["priority"], queued_at=t["queued_at"]) for t in rows]
+    return view, backends, waiting, {t["id"]: t for t in rows}
 
 
 def dispatch_device(device_id: int, *, now: datetime | None = None) -> list[int]:
     """Admit what fits on one device now; the ids of the tasks admitted."""
     from . import tasks  # the Celery tasks import this module
 
-    now = now or timezone.now()
+    now, began = now or timezone.now(), time.perf_counter()
     sends: list[tuple[int, int]] = []
     unloads: list[int] = []
     with transaction.atomic():
         device = Device.objects.select_for_update().filter(pk=device_id, enabled=True).first()
         if device is None:
             return []
-        view, backends, waiting = _view(device, now)
+        view, backends, waiting, rows = _view(device, now)
         if not waiting:
             return []
         plan = admission.plan(view, backends, waiting, now, aging_seconds=settings.SCHEDULER_AGING_SECONDS,
                               starvation_seconds=settings.SCHEDULER_STARVATION_SECONDS)
-        by_id = {t.id: t for t in waiting}
-        admitted_backends: set[int] = set()
+        # The admission's moment is its decision's: ``now`` (as of which the plan read the device) and the
+        # time the reads and the plan took. From here to the workers' messages: as few statements as hold.
+        decided = now + timedelta(seconds=time.perf_counter() - began)
+        admitted: list[dict] = []
         for task_id, load in plan.admit:
-            t = by_id[task_id]
-            done = QueueTask.objects.filter(pk=task_id, state=State.QUEUED, device=device).update(
-                state=State.ADMITTED, admitted_at=now, sent_at=now, generation=F("generation") + 1)
-            if not done:
+            t = rows[task_id]
+            # Conditional on the generation read: a task changed since (redirected, cancelled, reprioritised)
+            # is left to the next dispatch; the admitted one's generation is then exactly the next.
+            if not _admit(task_id, t["generation"], decided):
                 continue
             if load is not None:
-                LoadedModel.objects.create(project_id=device.project_id, device=device, backend_id=t.backend_id,
-                                           model=t.model, memory_mb=load, state=LoadedModel.State.LOADING,
-                                           loading_task_id=task_id, last_used_at=now, changed_at=now)
-            admitted_backends.add(t.backend_id)
-            sends.append((task_id, 0))
+                LoadedModel.objects.create(project_id=device.project_id, device=device, backend_id=t["backend_id"],
+                                           model=t["model"], memory_mb=load, state=LoadedModel.State.LOADING,
+                                           loading_task_id=task_id, last_used_at=decided, changed_at=decided)
+            admitted.append({**t, "load_mb": load})
+            sends.append((task_id, t["generation"] + 1))
         for backend_id, model in plan.evict:
             row = LoadedModel.objects.filter(backend_id=backend_id, model=model, state=LoadedModel.State.LOADED).first()
             if row is not None and LoadedModel.objects.filter(pk=row.pk, state=LoadedModel.State.LOADED).update(
                     state=LoadedModel.State.UNLOADING, changed_at=now):
                 unloads.append(row.pk)
-        if sends:
-            held = held_mb(device.pk)
-            if held > device.usable_mb:
-                raise LedgerOverflow(f"device {device.pk}: {held} MiB held of {device.usable_mb}")
-            Device.objects.filter(pk=device.pk).update(last_start_at=now)
-            Backend.objects.filter(pk__in=admitted_backends).update(last_start_at=now)
-            rows = {t.pk: t for t in QueueTask.objects.filter(pk__in=[s[0] for s in sends]).select_related("backend")}
-            sends = [(pk, rows[pk].generation) for pk, _ in sends]
-            DispatchEvent.objects.bulk_create([DispatchEvent(
-                project_id=device.project_id, task_id=pk, at=now, event="admitted", actor="dispatcher",
-                device=device.name, backend=rows[pk].backend.name, generation=rows[pk].generation,
-                waited_ms=max(0, int((now - rows[pk].queued_at).total_seconds() * 1000)),
-                detail={"memory_mb": rows[pk].memory_mb, "load_mb": dict(plan.admit).get(pk)}) for pk in rows])
-            for pk in rows:
-                live.publish_task(rows[pk])
-        if sends or unloads:
-            live.publish_queue([device.project_id])
         queue = device_queue(device.gpu)
 
         def send() -> None:
@@ -162,7 +172,27 @@ def dispatch_device(device_id: int, *, now: datetime | None = None) -> list[int]
             for pk in unloads:
                 tasks.unload.apply_async((pk,), queue=queue)
 
+        # Registered first, so that the workers' messages leave before the live side is told.
         transaction.on_commit(send)
+        if admitted:
+            held = held_mb(device.pk)
+            if held > device.usable_mb:
+                raise LedgerOverflow(f"device {device.pk}: {held} MiB held of {device.usable_mb}")
+            # The throttle compares plans' clocks (the next plan's ``now`` against this one's); a last start
+            # is kept only where a throttle reads it (``services.control_set`` sets it when one is set).
+            if view.throttle_ms:
+                Device.objects.filter(pk=device.pk).update(last_start_at=now)
+            throttled = {t["backend_id"] for t in admitted if backends[t["backend_id"]].throttle_ms}
+            if throttled:
+                Backend.objects.filter(pk__in=throttled).update(last_start_at=now)
+            DispatchEvent.objects.bulk_create([DispatchEvent(
+                project_id=device.project_id, task_id=t["id"], at=decided, event="admitted", actor="dispatcher",
+                device=device.name, backend=backends[t["backend_id"]].name, generation=t["generation"] + 1,
+                waited_ms=max(0, int((decided - t["queued_at"]).total_seconds() * 1000)),
+                detail={"memory_mb": t["memory_mb"], "load_mb": t["load_mb"]}) for t in admitted])
+            live.publish_tasks(device.project_id, [(t["id"], t["public_id"]) for t in admitted], State.ADMITTED)
+        if admitted or unloads:
+            live.publish_queue([device.project_id])
     return [pk for pk, _ in sends]
 
 

@@ -164,8 +164,25 @@ def finish(task: QueueTask, generation: int, *, outcome: str, result=None, code:
         if task.is_terminal:
             trace.finished(task, now=now)
         live.publish_task(task)
-        transaction.on_commit(lambda: _wake(task.project_id))
+        inline = settings.SCHEDULER_DISPATCH_ON_FINISH and outcome != "redirected"
+        if not inline:  # (a redirected task's new device may start it: the dispatcher's wake-up)
+            transaction.on_commit(lambda: _wake(task.project_id))
+    if inline:
+        _dispatch_freed(device_id=current.device_id, project_id=task.project_id)
     return outcome
+
+
+def _dispatch_freed(*, device_id: int, project_id: int) -> None:
+    """What an ended attempt freed (memory, a backend's slot) is only on its own device: admit there now, in
+    this worker, rather than after a round trip through the dispatcher's queue; on a failure, wake it."""
+    from .dispatcher import dispatch_device
+
+    try:
+        dispatch_device(device_id)
+    except Exception:  # noqa: BLE001 - the dispatcher's own wake-up (and its tick) admit it then
+        logger.warning("dispatching device %s after a finish failed; waking the dispatcher", device_id,
+                       exc_info=True)
+        _wake(project_id)
 
 
 def unload(loaded_pk: int) -> bool:

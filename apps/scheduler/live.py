@@ -24,6 +24,17 @@ def publish_task(task, state: str | None = None) -> None:
     transaction.on_commit(lambda: live.publish_many(pairs), robust=True)
 
 
+def publish_tasks(project_id: int, tasks: list[tuple[int, str]], state: str) -> None:
+    """Several tasks (pk, public id) of one project moved to ``state`` (the dispatcher's admissions): one
+    publish after the commit."""
+    pairs = []
+    for pk, public_id in tasks:
+        message = {"type": "queue.task", "task_pk": pk, "project_id": project_id, "state": state}
+        pairs += [(task_group(public_id), message), (project_group(project_id), message)]
+    if pairs:
+        transaction.on_commit(lambda: live.publish_many(pairs), robust=True)
+
+
 def publish_queue(project_ids) -> None:
     """The queue's figures moved (admissions, readings, controls): pages re-read."""
     pairs = [(project_group(p), {"type": "queue.changed", "project_id": p}) for p in set(project_ids)]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import Count, F, Q
+from django.db.models import Count, F, Max, Q
 from django.utils import timezone
 
 from apps.audit.services import audit_record
@@ -404,6 +404,18 @@ def reprioritise(*, task: QueueTask, priority: int, user, reason: str = "") -> Q
     return task
 
 
+def _last_start_known(*, device: Device | None, backend: Backend | None) -> None:
+    """The dispatcher keeps a device's or backend's last start only while a throttle reads it: one being set
+    starts from the latest admission there (under the device's row lock, as the dispatcher writes it)."""
+    device_id = device.pk if device is not None else backend.device_id
+    Device.objects.select_for_update().filter(pk=device_id).first()
+    tasks = QueueTask.objects.filter(device_id=device_id) if device is not None else \
+        QueueTask.objects.filter(backend_id=backend.pk)
+    latest = tasks.aggregate(at=Max("admitted_at"))["at"]
+    (Device.objects.filter(pk=device_id) if device is not None else Backend.objects.filter(pk=backend.pk)).update(
+        last_start_at=latest)
+
+
 @transaction.atomic
 def control_set(*, project: Project, user, device: Device | None = None, backend: Backend | None = None,
                 paused: bool | None = None, throttle_ms: int | None = None, reason: str = "") -> Control:
@@ -428,6 +440,8 @@ def control_set(*, project: Project, user, device: Device | None = None, backend
     if paused is not None:
         control.paused = paused
     if throttle_ms is not None:
+        if throttle_ms and not control.throttle_ms:
+            _last_start_known(device=device, backend=backend)
         control.throttle_ms = throttle_ms
     control.reason, control.updated_by, control.updated_at = reason[:500], user.get_username(), now
     control.save()

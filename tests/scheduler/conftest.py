@@ -14,6 +14,8 @@ from tests.scheduler import handlers as _handlers  # noqa: F401 - registers "rec
 def _scheduler_settings(settings):
     settings.SCHEDULER_HANDLER_MODULES = ["tests.scheduler.handlers"]
     settings.SCHEDULER_GPUS = "declared"
+    # The tests dispatch by hand (the workers of test_workers.py admit on finish, as deployed).
+    settings.SCHEDULER_DISPATCH_ON_FINISH = False
 
 
 @pytest.fixture
