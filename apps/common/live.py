@@ -33,16 +33,26 @@ logger = logging.getLogger(__name__)
 PUBLISH_TIMEOUT = 2.0
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_thread: int | None = None
+_loop_order: asyncio.Lock | None = None
 
 
 def bind_loop(loop: asyncio.AbstractEventLoop) -> None:
-    global _loop, _loop_thread
-    _loop, _loop_thread = loop, threading.get_ident()
+    global _loop, _loop_thread, _loop_order
+    _loop, _loop_thread, _loop_order = loop, threading.get_ident(), asyncio.Lock()
 
 
 async def _send_many(layer, messages: list[tuple[str, dict]]) -> None:
     for group, message in messages:
         await asyncio.wait_for(layer.group_send(group, message), PUBLISH_TIMEOUT)
+
+
+async def _send_in_order(order: asyncio.Lock, layer, messages: list[tuple[str, dict]]) -> None:
+    """Sends handed to one loop from other threads run as concurrent tasks, which interleave at each
+    await on Redis: a later publish could overtake an earlier one. ``asyncio.Lock`` wakes its waiters
+    first come, first served, and the tasks start in the order they were handed over, so holding it
+    around each hand-over keeps the publishes in the order they were made."""
+    async with order:
+        await _send_many(layer, messages)
 
 
 def _log_failure(future) -> None:
@@ -66,18 +76,20 @@ class _Publisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._pending: set[concurrent.futures.Future] = set()
+        self._order: asyncio.Lock | None = None  # made with its loop
 
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
+    def _running_loop(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Lock]:
         with self._lock:
             if self._loop is None or self._thread is None or not self._thread.is_alive():
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(target=loop.run_forever, name="live-publisher", daemon=True)
                 thread.start()
-                self._loop, self._thread = loop, thread
-            return self._loop
+                self._loop, self._thread, self._order = loop, thread, asyncio.Lock()
+            return self._loop, self._order
 
     def submit(self, layer, messages: list[tuple[str, dict]]) -> concurrent.futures.Future:
-        future = asyncio.run_coroutine_threadsafe(_send_many(layer, messages), self._running_loop())
+        loop, order = self._running_loop()
+        future = asyncio.run_coroutine_threadsafe(_send_in_order(order, layer, messages), loop)
         self._pending.add(future)
         future.add_done_callback(self._pending.discard)
         future.add_done_callback(_log_failure)
@@ -103,7 +115,7 @@ def publish_many(messages: list[tuple[str, dict]]) -> None:
         if layer is None:
             return
         if _loop is not None and _loop.is_running() and threading.get_ident() != _loop_thread:
-            future = asyncio.run_coroutine_threadsafe(_send_many(layer, messages), _loop)
+            future = asyncio.run_coroutine_threadsafe(_send_in_order(_loop_order, layer, messages), _loop)
             future.add_done_callback(_log_failure)
             return
         try:
