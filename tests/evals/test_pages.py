@@ -3,9 +3,13 @@ feedback box for people whose role may score, not for auditors; regressions on t
 test_regressions.py, the feedback clicked in Chromium in tests/dashboard/test_browser.py."""
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
+from django.utils import timezone
 
 from apps.evals import services
+from apps.traces.models import Run
 
 pytestmark = pytest.mark.django_db
 
@@ -42,6 +46,9 @@ def test_the_run_page_lists_the_scores_and_offers_feedback_only_to_who_may_give_
 
 def test_the_agents_page_shows_the_feedback_rate_and_the_evaluators_pass_rate(client, bob, record, scored):
     record("r2", output="Also done.")  # the same agent and version, no feedback, no score
+    # The helpers date runs on a fixed day; the page shows the last 7 days: bring both runs into them.
+    recent = timezone.now() - timedelta(hours=1)
+    Run.objects.filter(run_id__in=["r1", "r2"]).update(started_at=recent, ended_at=recent + timedelta(minutes=1))
     client.force_login(bob)
     html = client.get("/agents/").content.decode()
     feedback = html[html.index('data-field="feedback"'):][:200]
